@@ -1,0 +1,550 @@
+"""A Llama / Mistral / Qwen2 decoder, its tokenizer, batched generation and scoring.
+
+This is the base model that Transformer² adapts. Everything else in the repo (svf.py,
+reinforce.py, cem.py, dispatch.py) works on the `nn.Linear` modules defined here, whose
+attribute names equal Hugging Face's (`model.layers.3.mlp.gate_proj`), so loading a
+safetensors checkpoint is an identity mapping checked key by key and shape by shape.
+
+Numerics follow Hugging Face `transformers` (the tests compare against it):
+- RMSNorm normalises in float32 and casts back before multiplying by the weight.
+- RoPE uses the "half-split" convention (rotate_half: the first and second halves of each
+  head are the two coordinates), which is what HF checkpoints expect for q/k weights.
+- Llama-3 `rope_scaling` rescales the inverse frequencies by wavelength band.
+
+Run it:
+    python model.py --model checkpoints/smollm2-135m-instruct --prompt "What is 2+2?"
+    python model.py --model checkpoints/smollm2-135m-instruct --bench   # vs transformers
+"""
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None          # Llama-3 style {"rope_type": "llama3", ...}
+    attention_bias: bool = False              # Qwen2: q/k/v have a bias
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    layer_windows: list = field(default_factory=list)  # per layer: sliding window or None
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        try:
+            c = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read config ({e})") from None
+        mt = c.get("model_type")
+        if mt not in SUPPORTED:
+            raise ValueError(f"{path}: unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED)})")
+        # transformers >= 5 writes rope settings under "rope_parameters"; older files use
+        # "rope_theta" + "rope_scaling". Accept both.
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", c.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{path}: unsupported rope_type {rope_type!r} (supported: default, llama3)")
+        L, nh = c["num_hidden_layers"], c["num_attention_heads"]
+        # Sliding-window attention: Mistral applies it on every layer; Qwen2 only where
+        # layer_types says so (use_sliding_window is off in every released Qwen2 checkpoint).
+        window = c.get("sliding_window")
+        if mt == "mistral":
+            windows = [window] * L
+        else:
+            types = c.get("layer_types") or ["full_attention"] * L
+            windows = [window if t == "sliding_attention" else None for t in types]
+        return cls(
+            model_type=mt, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], num_hidden_layers=L,
+            num_attention_heads=nh, num_key_value_heads=c.get("num_key_value_heads", nh),
+            head_dim=c.get("head_dim") or c["hidden_size"] // nh,
+            rms_norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            attention_bias=c.get("attention_bias", mt == "qwen2"),
+            tie_word_embeddings=c.get("tie_word_embeddings", False),
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            layer_windows=windows,
+        )
+
+
+# -----------------------------------------------------------------------------
+# Modules (attribute names = Hugging Face's)
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # HF order: normalise in fp32, cast back to the input dtype, then scale.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    s = cfg.rope_scaling
+    if s:  # Llama 3.1: slow down low frequencies by `factor`, blend the middle band
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        medium = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, nh, T, hd); cos/sin: (B, 1, T, hd). Half-split rotation (HF's rotate_half).
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for all layers; `length` slots are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch_size, max_len, dtype, device):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # advanced by Transformer.forward after all layers wrote
+
+    def update(self, layer, k, v):
+        """Write this step's k, v (B, nkv, T, hd) for `layer`; return all keys/values so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                    # (B, nkv, S, hd)
+        # GQA: SDPA repeats each k/v head for nh // nkv query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)           # (B, T, C)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """HF's `model.` prefix: embeddings, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # Which layers use which sliding window; layers sharing a window share a mask.
+        self.windows = sorted(set(cfg.layer_windows), key=lambda w: w or 0)
+
+    def hidden(self, input_ids, positions=None, attention_mask=None, cache=None):
+        """Final-normed hidden states (B, T, C).
+
+        input_ids (B, T) are the new tokens; attention_mask (B, S) marks real tokens (1) vs
+        padding (0) over all S = cache.length + T slots; positions (B, T) default to the
+        count of real tokens before each slot, so left padding does not shift RoPE.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        S = start + T
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+        pos_all = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)     # (B, S)
+        if positions is None:
+            positions = pos_all[:, start:]
+        # Mask (B, 1, T, S): causal by slot, padding keys hidden, optional sliding window.
+        # A padding query sees itself only, so its softmax row is never empty (no NaNs).
+        q_slot = torch.arange(start, S, device=input_ids.device)[:, None]
+        k_slot = torch.arange(S, device=input_ids.device)[None, :]
+        base = (k_slot <= q_slot) & attention_mask.bool()[:, None, :]      # (B, T, S)
+        masks = {}
+        for w in self.windows:
+            m = base if w is None else base & (positions[:, :, None] - pos_all[:, None, :] < w)
+            masks[w] = (m | (k_slot == q_slot)).unsqueeze(1)               # (B, 1, T, S)
+        freqs = positions[:, :, None].float() * self.inv_freq              # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, hd)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for block, w in zip(self.model.layers, self.config.layer_windows):
+            x = block(x, cos, sin, masks[w], cache)
+        if cache is not None:
+            cache.length = S
+        return self.model.norm(x)
+
+    def forward(self, input_ids, positions=None, attention_mask=None, cache=None):
+        """Logits (B, T, vocab) in float32."""
+        return self.lm_head(self.hidden(input_ids, positions, attention_mask, cache)).float()
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu"):
+        path = resolve_checkpoint(path_or_repo_id)
+        cfg = ModelConfig.from_json(path / "config.json")
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = load_safetensors(path)
+        expected = {k: p for k, p in model.state_dict().items()}
+        if cfg.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+            state.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint keys do not match {cfg.model_type} "
+                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        for k, p in expected.items():
+            if tuple(state[k].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, config says {tuple(p.shape)}")
+        state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.inv_freq = rope_inv_freq(cfg)  # buffers built on "meta" must be rebuilt
+        model.name_or_path = str(path_or_repo_id)
+        return model.to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Loading
+
+def resolve_checkpoint(path_or_repo_id) -> Path:
+    """A local HF folder, or a hub repo id downloaded (safetensors + json only) when online."""
+    p = Path(path_or_repo_id)
+    if p.is_dir():
+        return p
+    if p.exists() or str(path_or_repo_id).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo_id}: not a model folder (expected config.json + model.safetensors)")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as e:
+        raise RuntimeError(f"{path_or_repo_id}: not a local folder and the hub is unreachable ({type(e).__name__}); "
+                           f"download it elsewhere and pass the folder, or run `make model` for the shipped one") from None
+
+
+def load_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        f = path / name
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: missing weights file")
+        try:
+            state.update(load_file(f))
+        except Exception as e:  # truncated or corrupt files raise various safetensors errors
+            raise ValueError(f"{f}: cannot read safetensors ({e})") from None
+    return state
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and chat template
+
+class Tokenizer:
+    """`tokenizer.json` through `tokenizers`; chat prompts from the config's Jinja template."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        self.tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
+        tc = json.loads((path / "tokenizer_config.json").read_text())
+        gen = path / "generation_config.json"
+        gc = json.loads(gen.read_text()) if gen.exists() else {}
+        cfg = json.loads((path / "config.json").read_text())
+
+        def token(v):  # tokenizer_config stores tokens as strings or {"content": ...}
+            return v["content"] if isinstance(v, dict) else v
+        self.bos_token, self.eos_token = token(tc.get("bos_token")), token(tc.get("eos_token"))
+        eos = gc.get("eos_token_id", cfg.get("eos_token_id"))
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if self.eos_token:
+            eos.append(self.tk.token_to_id(self.eos_token))
+        self.eos_ids = sorted({e for e in eos if e is not None})
+        pad = token(tc.get("pad_token"))
+        self.pad_id = self.tk.token_to_id(pad) if pad else self.eos_ids[0]
+        self.template = tc.get("chat_template")
+        if isinstance(self.template, list):  # named templates: take the default one
+            self.template = next(t["template"] for t in self.template if t["name"] == "default")
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id):
+        return cls(resolve_checkpoint(path_or_repo_id))
+
+    def encode(self, text):
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Render like transformers: sandboxed Jinja, trim_blocks + lstrip_blocks."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if not self.template:
+            raise ValueError("tokenizer_config.json has no chat_template")
+
+        def raise_exception(msg):
+            raise ValueError(msg)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: time.strftime(fmt))
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
+        return env.from_string(self.template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=None)
+
+
+# -----------------------------------------------------------------------------
+# Generation and scoring
+
+def left_pad(seqs, pad_id, device):
+    """list of id lists -> ids (B, T) left-padded, mask (B, T)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, T - len(s):] = torch.tensor(s, device=device)
+            mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def sample(logits, temperature, top_p, generator):
+    """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+        p, idx = probs.sort(dim=-1, descending=True)
+        drop = p.cumsum(-1) - p > top_p
+        probs = torch.zeros_like(probs).scatter(-1, idx, p.masked_fill(drop, 0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0,
+             seed=None, stop=None):
+    """Continue a batch of prompts (strings, rendered already, or id lists).
+
+    Returns (ids, texts): per prompt the generated token ids, up to and including the eos
+    token or the token that completed a stop string, and the decoded text cut before
+    the eos/stop string. Each sequence stops on its own; the batch ends when all have.
+    """
+    device = next(model.parameters()).device
+    seqs = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    ids, mask = left_pad(seqs, tokenizer.pad_id, device)
+    B, T = ids.shape
+    cache = KVCache(model.config, B, T + max_new_tokens, next(model.parameters()).dtype, device)
+    gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    out = [[] for _ in range(B)]
+    texts = [None] * B
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    x = ids
+    for _ in range(max_new_tokens):
+        h = model.hidden(x, attention_mask=mask, cache=cache)[:, -1]       # (B, C)
+        nxt = sample(model.lm_head(h).float(), temperature, top_p, gen)    # (B,)
+        nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_id), nxt)
+        for i in (~done).nonzero().flatten().tolist():
+            out[i].append(int(nxt[i]))
+            if int(nxt[i]) in tokenizer.eos_ids:
+                done[i] = True
+                texts[i] = tokenizer.decode(out[i][:-1])
+            elif stop:
+                text = tokenizer.decode(out[i])
+                cut = min((text.find(s) for s in stop if s in text), default=-1)
+                if cut >= 0:
+                    done[i], texts[i] = True, text[:cut]
+        if done.all():
+            break
+        # Finished rows keep stepping (their outputs are ignored), so the new slot is real for all.
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        x = nxt[:, None]
+    texts = [t if t is not None else tokenizer.decode(o) for t, o in zip(texts, out)]
+    return out, texts
+
+
+def score(model, prompts, completions, chunk=1024):
+    """Log-probabilities of `completions` given `prompts` (id lists), batched.
+
+    Returns (total (B,), token_logp (B, Tc), mask (B, Tc)); token_logp is right-padded with
+    zeros. Differentiable: callers decide about no_grad. The vocabulary projection is done
+    only at completion positions, in chunks (Qwen's lm_head is 152k wide).
+    """
+    device = next(model.parameters()).device
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    ids, mask = left_pad(seqs, 0, device)
+    h = model.hidden(ids, attention_mask=mask)                            # (B, T, C)
+    B, T = ids.shape
+    Tc = max(len(c) for c in completions)
+    token_logp = torch.zeros(B, Tc, device=device)
+    cmask = torch.zeros(B, Tc, device=device)
+    rows, cols, dst = [], [], []
+    for i, c in enumerate(completions):
+        n = len(c)  # completion token j sits at slot T-n+j, predicted from slot T-n+j-1
+        rows += [i] * n
+        cols += range(T - n - 1, T - 1)
+        dst += range(n)
+        cmask[i, :n] = 1
+    rows, cols, dst = (torch.tensor(v, dtype=torch.long, device=device) for v in (rows, cols, dst))
+    targets = ids[rows, cols + 1]
+    lp = []
+    for s in range(0, len(rows), chunk):
+        logits = model.lm_head(h[rows[s:s + chunk], cols[s:s + chunk]]).float()  # (N, V)
+        lp.append(logits.log_softmax(-1).gather(-1, targets[s:s + chunk, None]).squeeze(-1))
+    token_logp = token_logp.index_put((rows, dst), torch.cat(lp)) if lp else token_logp
+    return token_logp.sum(-1), token_logp, cmask
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def chat(args):
+    model = Transformer.from_pretrained(args.model)
+    tok = Tokenizer.from_pretrained(args.model)
+    prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+    t0 = time.time()
+    ids, texts = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, seed=args.seed)
+    dt = time.time() - t0
+    print(texts[0])
+    print(f"-- {len(ids[0])} tokens in {dt:.1f} s ({len(ids[0]) / dt:.1f} tok/s)")
+
+
+def bench(args):
+    """Prefill and decode tokens/s, ours vs transformers eager, same folder, dtype, threads."""
+    from transformers import AutoModelForCausalLM
+    ours = Transformer.from_pretrained(args.model)
+    tok = Tokenizer.from_pretrained(args.model)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(0)
+    V = ours.config.vocab_size
+    print(f"threads {torch.get_num_threads()} | fp32 | {args.model}")
+    for B in (1, 8):
+        prompt = torch.randint(100, V, (B, 256), generator=g)
+        with torch.inference_mode():
+            def pre_ours():
+                ours.hidden(prompt)[:, -1]
+            def pre_hf():
+                hf(prompt, logits_to_keep=1)
+            def dec_ours():
+                generate(ours, FixedLen(tok), prompt[:, :32].tolist(), max_new_tokens=args.new_tokens)
+            def dec_hf():
+                hf.generate(prompt[:, :32], attention_mask=torch.ones_like(prompt[:, :32]), do_sample=False,
+                            min_new_tokens=args.new_tokens, max_new_tokens=args.new_tokens, pad_token_id=0)
+            res = {}
+            for name, fn, ntok in [("prefill ours", pre_ours, B * 256), ("prefill hf", pre_hf, B * 256),
+                                   ("decode ours", dec_ours, B * args.new_tokens),
+                                   ("decode hf", dec_hf, B * args.new_tokens)]:
+                fn()  # warm-up
+                t0 = time.perf_counter()
+                for _ in range(args.repeat):
+                    fn()
+                res[name] = ntok * args.repeat / (time.perf_counter() - t0)
+        for kind in ("prefill", "decode"):
+            o, h = res[f"{kind} ours"], res[f"{kind} hf"]
+            print(f"batch {B} | {kind:7s} | ours {o:7.1f} tok/s | transformers {h:7.1f} tok/s | ratio {o / h:.2f}x")
+
+
+class FixedLen:
+    """Tokenizer stand-in for benchmarks: never stops early, so both sides decode equal lengths."""
+
+    def __init__(self, tok):
+        self.pad_id, self.eos_ids = tok.pad_id, [-1]
+
+    def decode(self, ids):
+        return ""
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout folder or hub repo id")
+    p.add_argument("--prompt", default="What is the capital of France?", help="one user turn")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bench", action="store_true", help="prefill/decode tok/s vs transformers")
+    p.add_argument("--new-tokens", type=int, default=64, help="bench: tokens decoded per run")
+    p.add_argument("--repeat", type=int, default=2, help="bench: timed runs per measurement")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bench(args) if args.bench else chat(args)
