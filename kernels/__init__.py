@@ -1,0 +1,1 @@
+"""Triton kernels, one file per kernel (see STYLE.md, Kernels)."""
