@@ -442,36 +442,39 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     return out, texts
 
 
-def score(model, prompts, completions, chunk=1024):
-    """Log-probabilities of `completions` given `prompts` (id lists), batched.
+def completion_hidden(model, prompts, completions):
+    """Hidden states that predict each completion token given its prompt (id lists), batched.
 
-    Returns (total (B,), token_logp (B, Tc), mask (B, Tc)); token_logp is right-padded with
-    zeros. Differentiable: callers decide about no_grad. The vocabulary projection is done
-    only at completion positions, in chunks (Qwen's lm_head is 152k wide).
+    Returns h (N, C), targets (N,), row (N,), col (N,): one entry per completion token over the
+    whole batch (N = total completion tokens); token j of completion i sits at [row=i, col=j].
+    Differentiable: callers decide about no_grad.
     """
     device = next(model.parameters()).device
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     ids, mask = left_pad(seqs, 0, device)
     h = model.hidden(ids, attention_mask=mask)                            # (B, T, C)
-    B, T = ids.shape
-    Tc = max(len(c) for c in completions)
-    token_logp = torch.zeros(B, Tc, device=device)
-    cmask = torch.zeros(B, Tc, device=device)
-    rows, cols, dst = [], [], []
-    for i, c in enumerate(completions):
-        n = len(c)  # completion token j sits at slot T-n+j, predicted from slot T-n+j-1
-        rows += [i] * n
-        cols += range(T - n - 1, T - 1)
-        dst += range(n)
-        cmask[i, :n] = 1
-    rows, cols, dst = (torch.tensor(v, dtype=torch.long, device=device) for v in (rows, cols, dst))
-    targets = ids[rows, cols + 1]
-    lp = []
-    for s in range(0, len(rows), chunk):
-        logits = model.lm_head(h[rows[s:s + chunk], cols[s:s + chunk]]).float()  # (N, V)
-        lp.append(logits.log_softmax(-1).gather(-1, targets[s:s + chunk, None]).squeeze(-1))
-    token_logp = token_logp.index_put((rows, dst), torch.cat(lp)) if lp else token_logp
-    return token_logp.sum(-1), token_logp, cmask
+    T = ids.size(1)
+    row = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(completions)]).to(device)
+    col = torch.cat([torch.arange(len(c)) for c in completions]).to(device)
+    n = torch.tensor([len(c) for c in completions], device=device)[row]
+    slot = T - n + col  # completion token j sits at slot T-n+j and is predicted from slot T-n+j-1
+    return h[row, slot - 1], ids[row, slot], row, col
+
+
+def score(model, prompts, completions, chunk=1024):
+    """Log-probabilities of `completions` given `prompts` (id lists), batched.
+
+    Returns (total (B,), token_logp (B, Tc), mask (B, Tc)); token_logp is right-padded with
+    zeros. Differentiable. The vocabulary projection is done only at completion positions,
+    in chunks (Qwen's lm_head is 152k wide).
+    """
+    h, targets, row, col = completion_hidden(model, prompts, completions)
+    lp = [model.lm_head(h[s:s + chunk]).float().log_softmax(-1).gather(-1, targets[s:s + chunk, None]).squeeze(-1)
+          for s in range(0, len(targets), chunk)]
+    B, Tc = len(completions), max(len(c) for c in completions)
+    token_logp = torch.zeros(B, Tc, device=h.device).index_put((row, col), torch.cat(lp))
+    mask = torch.zeros(B, Tc, device=h.device).index_put((row, col), torch.ones_like(targets, dtype=torch.float))
+    return token_logp.sum(-1), token_logp, mask
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""reinforce.py: the update moves log-probabilities the right way on the real model; KL is zero
+at a uniform z; a SIGKILLed run resumes to the same result; 2 gloo ranks = 1 process."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import reinforce
+import svd_cache
+import svf
+from model import Tokenizer, Transformer, score
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2_dir, tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's real tokenizer: the full pipeline, fast."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / f, path / f)
+    return path
+
+
+def tiny_args(tiny_dir, out, **kw):
+    argv = ["--task", "gsm8k", "--model", str(tiny_dir), "--out", str(out), "--batch-size", "4",
+            "--micro-batch", "2", "--rollout-batch", "4", "--max-new-tokens", "6", "--steps", "3",
+            "--eval-every", "2", "--valid-limit", "4", "--kl-coef", "0.1", "--temperature", "1.0",
+            "--threads", "1"]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    return argv
+
+
+def thetas(path):
+    return load_file(path)
+
+
+def test_unknown_task_lists_known_ones(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task 'poetry' \(known: .*gsm8k.*\)"):
+        reinforce.main(reinforce.get_args(["--task", "poetry", "--out", str(tmp_path)]))
+
+
+@pytest.fixture(scope="module")
+def real(smollm2_dir):
+    model = Transformer.from_pretrained(smollm2_dir)
+    tok = Tokenizer.from_pretrained(smollm2_dir)
+    cache = svd_cache.load(model, "mlp")
+    svf.attach(model, cache)
+    yield model, tok, cache
+    svf.detach(model)
+
+
+@pytest.mark.parametrize("reward", [+1.0, -1.0])
+def test_one_update_moves_logprob_the_right_way(real, reward):
+    model, tok, cache = real
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 7 plus 5?"}]))
+    answer = tok.encode("7 plus 5 is 12.")
+    theta = {n: t.requires_grad_(True) for n, t in svf.init_theta(cache, seed=0).items()}
+    args = Namespace(parametrization="sigmoid", kl_coef=0.0, kl_direction="paper")
+
+    def logp():
+        with torch.no_grad():
+            svf.set_z(model, {n: svf.theta_to_z(t) for n, t in theta.items()})
+            return float(score(model, [prompt], [answer])[0][0])
+    before = logp()
+    opt = torch.optim.Adam(theta.values(), lr=2e-3)
+    reinforce.loss_on(model, theta, [prompt], [answer], [reward], 1, args)
+    torch.nn.utils.clip_grad_norm_(theta.values(), 1e-3)
+    opt.step()
+    after = logp()
+    svf.set_z(model, None)
+    assert (after - before) * reward > 0.01, (before, after)
+
+
+def test_kl_is_zero_at_uniform_z(real):
+    model, tok, cache = real
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Name a colour."}]))
+    answer = tok.encode("Blue is a colour.")
+    theta = {n: torch.full((cache.rank(n),), 0.3, requires_grad=True) for n in cache.names}
+    for direction in ("paper", "official"):
+        args = Namespace(parametrization="sigmoid", kl_coef=1.0, kl_direction=direction)
+        _, kl = reinforce.loss_on(model, theta, [prompt], [answer], [1.0], 1, args)
+        assert abs(kl) < 1e-4, (direction, kl)
+    # ...and clearly positive away from uniform: the test can fail
+    theta = {n: 0.3 + torch.randn(cache.rank(n), generator=torch.Generator().manual_seed(0)) for n in cache.names}
+    theta = {n: t.requires_grad_(True) for n, t in theta.items()}
+    _, kl = reinforce.loss_on(model, theta, [prompt], [answer], [1.0], 1, args)
+    svf.set_z(model, None)
+    assert kl > 1e-3
+
+
+def test_batches_are_without_replacement():
+    seen = [i for step in range(5) for i in reinforce.batch_indices(step, 10, 4, seed=1)]
+    assert sorted(seen[:8]) == sorted(set(seen[:8]))  # first 8 draws: no repeats within the epoch
+    assert sorted(seen[:10]) == list(range(10))       # one epoch covers every item once
+    assert reinforce.batch_indices(3, 10, 4, 1) == reinforce.batch_indices(3, 10, 4, 1)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
+    env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"))
+    full = tmp_path / "full"
+    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, full)], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it once update 1 is checkpointed, mid-way through the run
+        m = cut / "metrics.jsonl"
+        if m.exists() and any(json.loads(line)["step"] >= 1 for line in m.read_text().splitlines()):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = torch.load(cut / "state.pt", weights_only=False)
+    assert 1 <= state["step"] <= 3
+    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut), "--resume"], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    a, b = thetas(full / "last.safetensors"), thetas(cut / "last.safetensors")
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    init = svf.init_theta(svd_cache.load(Transformer.from_pretrained(tiny_dir), "mlp", root=tmp_path / "cache"))
+    assert any(not torch.allclose(a[n], init[n]) for n in a)  # it did train
+    ma = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [0, 1, 2, 3]
+    assert (full / "best.safetensors").exists() and (full / "curve.png").exists()
+    meta = json.loads(json.dumps(__import__("safetensors").safe_open(full / "best.safetensors", "pt").metadata()))
+    assert meta["task"] == "gsm8k" and meta["lr"] == "0.002" and "valid_acc" in meta
+
+
+def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
+    env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(steps=1, eval_every=1, temperature=0.0)
+    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, one, **common)], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                        "reinforce.py", *tiny_args(tiny_dir, two, **common)], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = thetas(one / "last.safetensors"), thetas(two / "last.safetensors")
+    for n in a:
+        assert torch.allclose(a[n], b[n], atol=1e-7, rtol=0), n
+    ma = json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])
+    mb = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
+    assert ma["reward"] == mb["reward"] and abs(ma["kl"] - mb["kl"]) < 1e-6
