@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any Triton kernel module is imported, so the
 on the CPU here (fp32/fp16 only: the interpreter's bf16 tl.dot is wrong).
 """
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,3 +26,19 @@ def smollm2_dir():
     if not (SMOLLM2 / "model.safetensors").exists():
         pytest.fail(f"{SMOLLM2} is missing: run `make model` first (make test does it for you)")
     return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smollm2_dir, tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's real tokenizer: the full pipeline, fast."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                      initializer_range=0.5)  # large weights: outputs depend on z, not one repeated token
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / f, path / f)
+    return path

@@ -2,7 +2,6 @@
 at a uniform z; a SIGKILLed run resumes to the same result; 2 gloo ranks = 1 process."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,21 +19,6 @@ import svf
 from model import Tokenizer, Transformer, score
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(smollm2_dir, tmp_path_factory):
-    """A 2-layer random Llama with SmolLM2's real tokenizer: the full pipeline, fast."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copy(smollm2_dir / f, path / f)
-    return path
 
 
 def tiny_args(tiny_dir, out, **kw):

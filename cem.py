@@ -1,0 +1,268 @@
+"""Few-shot self-adaptation: search mixing weights α over trained experts with CEM (paper §3.3,
+SPEC.md §4).
+
+Given K experts z_1..z_K (from reinforce.py) and a handful of held-out examples ("shots") of a
+new task, find α so that the mixed vector z′ = Σ_k α_k·z_k answers the shots best:
+
+  population of 32 α's ~ N(mean, std), clamped to [0, 1] (optionally normalised to sum 1);
+  member 0 is always the incumbent best (re-evaluated, so a lucky score does not stick);
+  fitness = greedy accuracy on the shots; ties -> the higher mean per-token log-likelihood of
+  the member's own correct answers; mean/std <- statistics of the 6 elites; repeat.
+
+α is one number per expert (K) or, with --per-layer, one per expert and adapted matrix
+(K × #matrices). The whole population is scored in one batched pass: every row of a batch
+carries its member's z (svf.set_z with (B, r) vectors), so 32 members × 10 shots are one
+generation call instead of 32. The best α is then reported on the remaining N − shots items
+against the base model and uniform α (paired McNemar tests), and saved as JSON + an expert file.
+
+    make cem TASK=math
+    python cem.py --task math --experts runs/math/best.safetensors runs/code/best.safetensors \\
+        runs/reasoning/best.safetensors --shots 10 --generations 100
+    python cem.py ... --light          # the paper's light variant: 3 shots, 10 generations
+    torchrun --nproc_per_node=2 cem.py ...   # population sharded over ranks
+"""
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import svd_cache
+import svf
+from evals import TASKS, get_task
+from evals.common import fmt_acc, mcnemar, render_prompt
+from model import Tokenizer, Transformer, generate, score
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to adapt")
+    g.add_argument("--task", required=True, help=f"target task: {', '.join(TASKS)}")
+    g.add_argument("--experts", nargs="+", required=True, help="expert files (reinforce.py best.safetensors)")
+    g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
+    g.add_argument("--split", default="test", help="items: the first --shots adapt, the rest report")
+    g.add_argument("--limit", type=int, default=None, help="use only N items in all (shots included; CPU budget)")
+    g.add_argument("--out", default=None, help="output directory (default runs/cem-TASK)")
+    g = p.add_argument_group("CEM (defaults: paper / official code)")
+    g.add_argument("--shots", type=int, default=10, help="held-out examples that define fitness")
+    g.add_argument("--generations", type=int, default=100)
+    g.add_argument("--population", type=int, default=32)
+    g.add_argument("--elites", type=int, default=6)
+    g.add_argument("--init-std", type=float, default=0.5)
+    g.add_argument("--per-layer", action="store_true", help="one α per expert and adapted matrix (K × #matrices)")
+    g.add_argument("--normalize", action="store_true", help="α sums to 1 (per matrix)")
+    g.add_argument("--mode", default="z", choices=["z", "theta"], help="mix applied z (paper) or raw θ (official)")
+    g.add_argument("--light", action="store_true", help="3 shots, 10 generations")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per generation call")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--bench", action="store_true", help="time one generation batched vs member by member, then exit")
+    args = p.parse_args(argv)
+    if args.light:
+        args.shots, args.generations = 3, 10
+    return args
+
+
+def world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+# -----------------------------------------------------------------------------
+# Fitness: a whole population on the shots, one z per sequence
+
+def population_fitness(model, tok, task, shots, experts, alphas, args):
+    """(accuracy, mean log-likelihood of own correct answers) for each α in `alphas` (P, ...).
+
+    Rows = (member, shot) pairs; each row's z is its member's mix, so one generate call scores
+    many members at once.
+    """
+    prompts = [render_prompt(tok, task, it) for it in shots]
+    mixes = [svf.mix(experts, a, args.mode) for a in alphas]
+    rows = [(m, s) for m in range(len(alphas)) for s in range(len(shots))]
+    correct, answers = {}, {}
+    for i in range(0, len(rows), args.batch_size):
+        chunk = rows[i:i + args.batch_size]
+        svf.set_z(model, {n: torch.stack([mixes[m][n] for m, _ in chunk]) for n in mixes[0]})  # (B, r) each
+        ids, texts = generate(model, tok, [prompts[s] for _, s in chunk], max_new_tokens=args.max_new_tokens,
+                              stop=list(task.stop))
+        ok = task.check([shots[s] for _, s in chunk], texts)
+        # tie-break: log-likelihood of the member's own correct answers under its own z
+        right = [j for j, c in enumerate(ok) if c]
+        if right:
+            svf.set_z(model, {n: torch.stack([mixes[chunk[j][0]][n] for j in right]) for n in mixes[0]})
+            with torch.no_grad():
+                _, tok_lp, mask = score(model, [tok.encode(prompts[chunk[j][1]]) for j in right],
+                                        [ids[j] for j in right])
+            for j, lp, mk in zip(right, tok_lp, mask):
+                answers.setdefault(chunk[j][0], []).append(float((lp * mk).sum() / mk.sum()))
+        for (m, _), c in zip(chunk, ok):
+            correct[m] = correct.get(m, 0) + int(c)
+    svf.set_z(model, None)
+    acc = torch.tensor([correct.get(m, 0) / len(shots) for m in range(len(alphas))])
+    ll = torch.tensor([sum(answers[m]) / len(answers[m]) if m in answers else float("-inf")
+                       for m in range(len(alphas))])
+    return acc, ll
+
+
+def sharded_fitness(model, tok, task, shots, experts, alphas, args):
+    """Each rank scores its slice of the population; results are gathered on every rank."""
+    rank, ws = world()
+    P = len(alphas)
+    acc, ll = torch.zeros(P), torch.full((P,), float("-inf"))
+    mine = list(range(rank, P, ws))
+    if mine:
+        a, l = population_fitness(model, tok, task, shots, experts, alphas[mine], args)
+        acc[mine], ll[mine] = a, l
+    if dist.is_initialized():  # members not scored here stay 0 / -inf, so max-reduce gathers them
+        dist.all_reduce(acc, op=dist.ReduceOp.MAX)
+        dist.all_reduce(ll, op=dist.ReduceOp.MAX)
+    return acc, ll
+
+
+def rank_key(acc, ll):
+    """Sort key: accuracy first, log-likelihood breaks ties (both higher is better)."""
+    return sorted(range(len(acc)), key=lambda i: (float(acc[i]), float(ll[i])), reverse=True)
+
+
+def cem(fitness, shape, args, log=print):
+    """Cross-entropy method over α of `shape`; `fitness(alphas (P, *shape)) -> (acc, ll)`."""
+    g = torch.Generator().manual_seed(args.seed)
+    mean = torch.full(shape, 1.0 / shape[0])
+    std = torch.full(shape, args.init_std)
+    best, best_fit = mean.clone(), (-1.0, float("-inf"))
+    history = []
+    for gen in range(args.generations):
+        t0 = time.time()
+        pop = (mean + std * torch.randn((args.population, *shape), generator=g)).clamp(0, 1)
+        pop[0] = best  # the incumbent is re-evaluated every generation
+        if args.normalize:
+            pop = pop / pop.sum(1, keepdim=True).clamp(min=1e-8)
+        acc, ll = fitness(pop)
+        order = rank_key(acc, ll)
+        elites = pop[order[:args.elites]]
+        mean, std = elites.mean(0), elites.std(0)
+        best, best_fit = pop[order[0]].clone(), (float(acc[order[0]]), float(ll[order[0]]))
+        history.append({"generation": gen, "best_acc": best_fit[0], "best_ll": best_fit[1],
+                        "mean_acc": float(acc.mean()), "seconds": time.time() - t0})
+        log(f"gen {gen} | best {best_fit[0]:.1%} (ll {best_fit[1]:.3f}) | population mean {float(acc.mean()):.1%} "
+            f"| {history[-1]['seconds']:.1f} s")
+    return best, history
+
+
+# -----------------------------------------------------------------------------
+# Reporting
+
+def answer_all(model, tok, task, items, zs, args):
+    """Greedy correctness on `items` with z's merged (None = the base model)."""
+    prompts = [render_prompt(tok, task, it) for it in items]
+    out = []
+    svf.set_z(model, None)
+    ctx = svf.merged(model, zs) if zs is not None else torch.no_grad()
+    with ctx:
+        for i in tqdm(range(0, len(items), args.batch_size), desc="report", leave=False):
+            _, texts = generate(model, tok, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
+                                stop=list(task.stop))
+            out += task.check(items[i:i + args.batch_size], texts)
+    return out
+
+
+def plot_alpha(path, alpha, names):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    a = alpha if alpha.dim() == 1 else alpha.mean(1)
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.bar(names, a.tolist())
+    ax.set_ylabel("α" + (" (mean over matrices)" if alpha.dim() > 1 else ""))
+    ax.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, _ = world()
+    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    model = Transformer.from_pretrained(args.model)
+    tok = Tokenizer.from_pretrained(args.model)
+    experts = [svf.Expert.load(p) for p in args.experts]
+    cache = svd_cache.load(model, names=list(experts[0].theta))
+    for e in experts:
+        e.check(model, cache)
+    svf.attach(model, cache)
+    items = task.load(args.split)
+    perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    items = [items[i] for i in perm][:args.limit]
+    shots, rest = items[:args.shots], items[args.shots:]
+    K, M = len(experts), len(experts[0].theta)
+    shape = (K, M) if args.per_layer else (K,)
+    names = [Path(p).parent.name or Path(p).stem for p in args.experts]
+    log = print if rank == 0 else (lambda *a: None)
+
+    def fitness(pop):
+        return sharded_fitness(model, tok, task, shots, experts, pop, args)
+
+    if args.bench:
+        return bench(model, tok, task, shots, experts, shape, args)
+    log(f"task {args.task} | {K} experts {names} | α {tuple(shape)} | {len(shots)} shots, {len(rest)} to report")
+    alpha, history = cem(fitness, shape, args, log)
+    if rank > 0:
+        return None
+    out = Path(args.out or f"runs/cem-{args.task}")
+    out.mkdir(parents=True, exist_ok=True)
+    log("α per expert: " + ", ".join(f"{n} {float(a):.3f}" for n, a in zip(names, alpha if alpha.dim() == 1 else alpha.mean(1))))
+    # the adapted expert, stored as raw z (a mix of sigmoid z's may leave (0, 1) when α is not normalised)
+    zs = svf.mix(experts, alpha, args.mode)
+    meta = {**experts[0].meta, "parametrization": "raw", "task": args.task, "cem_alpha": json.dumps(alpha.tolist()),
+            "cem_experts": json.dumps(args.experts), "cem_shots": str(args.shots)}
+    svf.Expert(zs, meta).save(out / "adapted.safetensors")
+    (out / "alpha.json").write_text(json.dumps({"experts": args.experts, "alpha": alpha.tolist(), "mode": args.mode,
+                                                "per_layer": args.per_layer, "normalize": args.normalize,
+                                                "history": history}, indent=1))
+    plot_alpha(out / "alpha.png", alpha, names)
+    # report on the items CEM never saw: adapted vs base vs uniform α
+    uniform = svf.mix(experts, torch.full(shape, 1.0 / K), args.mode)
+    res = {name: answer_all(model, tok, task, rest, zs_, args)
+           for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]}
+    summary = {name: {"correct": sum(r), "n": len(r), "acc": fmt_acc(sum(r), len(r))} for name, r in res.items()}
+    summary["p_vs_base"] = mcnemar(res["cem"], res["base"])
+    summary["p_vs_uniform"] = mcnemar(res["cem"], res["uniform"])
+    for name in ("cem", "base", "uniform"):
+        log(f"{name:8s} {summary[name]['acc']}")
+    log(f"paired McNemar: cem vs base p={summary['p_vs_base']:.3f}, vs uniform p={summary['p_vs_uniform']:.3f}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def bench(model, tok, task, shots, experts, shape, args):
+    """One CEM generation: the population batched (one z per row) vs member by member."""
+    pop = torch.rand((args.population, *shape), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    population_fitness(model, tok, task, shots, experts, pop, args)
+    batched = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for a in pop:  # the official way: merge each member's weights, then answer the shots
+        with svf.merged(model, svf.mix(experts, a, args.mode)):
+            _, texts = generate(model, tok, [render_prompt(tok, task, it) for it in shots],
+                                max_new_tokens=args.max_new_tokens, stop=list(task.stop))
+    single = time.perf_counter() - t0
+    print(f"one generation, {args.population} members × {len(shots)} shots, {args.max_new_tokens} new tokens max: "
+          f"batched {batched:.1f} s | member by member {single:.1f} s | speed-up {single / batched:.2f}x")
+    return batched, single
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,137 @@
+"""cem.py: CEM finds a known optimum; ties go to the higher log-likelihood; a one-hot α is the
+expert; the batched population scores equal member-by-member scores; 2 gloo ranks = 1 process.
+
+Run as a script (`python tests/test_cem.py ARGS`), this file is cem.py's CLI with one extra task,
+"parity", whose verdict depends on the generated text, so tiny random models give varied scores.
+"""
+import json
+import os
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import cem  # noqa: E402
+import svd_cache  # noqa: E402
+import svf  # noqa: E402
+from evals import TASKS  # noqa: E402
+from evals.gsm8k import GSM8K  # noqa: E402
+from model import Tokenizer, Transformer  # noqa: E402
+
+
+class Parity(GSM8K):
+    """Real GSM8K prompts; 'correct' iff the completion has an even number of characters."""
+
+    def check(self, items, completions):
+        return [len(c) % 2 == 0 for c in completions]
+
+
+TASKS["parity"] = Parity("parity", splits=("train", "valid", "test"), max_new_tokens=5)
+
+
+def cem_args(**kw):
+    a = dict(population=8, elites=3, init_std=0.5, generations=30, normalize=False, seed=0, mode="z",
+             batch_size=16, max_new_tokens=5)
+    a.update(kw)
+    return Namespace(**a)
+
+
+def test_cem_finds_the_optimum_of_a_toy_objective():
+    target = torch.tensor([0.2, 0.9, 0.5])
+
+    def fitness(pop):  # "accuracy" quantised to 10 levels, log-likelihood = closeness: ties matter
+        d = (pop - target).pow(2).sum(1)
+        return (1 - d).mul(10).floor() / 10, -d
+    best, hist = cem.cem(fitness, (3,), cem_args(population=32, elites=6, generations=40), log=lambda *_: None)
+    assert (best - target).abs().max() < 0.05, best
+    assert hist[-1]["best_acc"] >= hist[0]["best_acc"]
+
+
+def test_ties_are_broken_by_log_likelihood():
+    acc = torch.tensor([0.5, 0.7, 0.7, 0.1])
+    ll = torch.tensor([-0.1, -2.0, -1.0, 0.0])
+    assert cem.rank_key(acc, ll) == [2, 1, 0, 3]
+
+
+def test_incumbent_is_member_zero_and_reevaluated():
+    seen = []
+
+    def fitness(pop):
+        seen.append(pop.clone())
+        return pop[:, 0], torch.zeros(len(pop))
+    best, _ = cem.cem(fitness, (2,), cem_args(generations=3), log=lambda *_: None)
+    assert torch.equal(seen[1][0], seen[0][seen[0][:, 0].argmax()])
+    assert torch.equal(seen[2][0], seen[1][seen[1][:, 0].argmax()])
+
+
+def random_experts(model, cache, k=3):
+    out = []
+    for i in range(k):
+        g = torch.Generator().manual_seed(100 + i)
+        theta = {n: 2 * torch.randn(cache.rank(n), generator=g) for n in cache.names}
+        out.append(svf.Expert.new(theta, model, cache, task=f"e{i}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir, tmp_path_factory):
+    model = Transformer.from_pretrained(tiny_dir)
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    cache = svd_cache.load(model, "mlp", root=tmp_path_factory.mktemp("cache"))
+    experts = random_experts(model, cache)
+    svf.attach(model, cache)
+    return model, tok, cache, experts
+
+
+def test_one_hot_alpha_is_the_expert(tiny):
+    _, _, _, experts = tiny
+    for k, e in enumerate(experts):
+        zs = svf.mix(experts, torch.eye(3)[k])
+        assert all(torch.equal(zs[n], e.z(n)) for n in zs)
+
+
+def test_batched_population_equals_member_by_member(tiny):
+    model, tok, _, experts = tiny
+    shots = TASKS["parity"].load("test")[:4]
+    pop = torch.rand(5, 3, generator=torch.Generator().manual_seed(1))
+    args = cem_args(batch_size=20)
+    acc, ll = cem.population_fitness(model, tok, TASKS["parity"], shots, experts, pop, args)
+    alone = [cem.population_fitness(model, tok, TASKS["parity"], shots, experts, pop[i:i + 1], args) for i in range(5)]
+    assert torch.equal(acc, torch.cat([a for a, _ in alone]))
+    assert torch.allclose(ll, torch.cat([l for _, l in alone]), atol=1e-4)
+    assert len(set(acc.tolist())) > 1  # members really differ, so the comparison means something
+
+
+def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
+    env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    model = Transformer.from_pretrained(tiny_dir)
+    cache = svd_cache.load(model, "mlp", root=tmp_path / "cache")
+    paths = []
+    for i, e in enumerate(random_experts(model, cache)):
+        paths.append(str(tmp_path / f"e{i}.safetensors"))
+        e.save(paths[-1])
+    common = ["--task", "parity", "--model", str(tiny_dir), "--experts", *paths, "--shots", "4", "--limit", "8",
+              "--generations", "2", "--population", "6", "--elites", "3", "--max-new-tokens", "5", "--threads", "1"]
+    subprocess.run([sys.executable, __file__, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
+                        __file__, *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "alpha.json").read_text())
+    two = json.loads((tmp_path / "two" / "alpha.json").read_text())
+    assert one["alpha"] == two["alpha"]
+    assert [h["best_acc"] for h in one["history"]] == [h["best_acc"] for h in two["history"]]
+    assert (tmp_path / "one" / "alpha.png").exists() and (tmp_path / "one" / "adapted.safetensors").exists()
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["cem"]["n"] == 4 and 0 <= summary["p_vs_base"] <= 1
+
+
+if __name__ == "__main__":
+    cem.main(cem.get_args())
