@@ -1,0 +1,437 @@
+"""SVF, singular value fine-tuning: one learnable scale per singular value of each adapted matrix.
+
+SPEC §1 / paper §3.1 (arXiv 2501.06252). With W = U·diag(σ)·Vh from svd_cache.py, an expert is
+one vector θ ∈ R^r per matrix (r = min(m, n)) and the adapted weight is
+
+    z  = sigmoid(θ)                      (official code; the paper never mentions it; flag: raw z = θ)
+    W′ = U·diag(σ⊙z)·Vh · Σσ / Σ(σ⊙z)    (the official rescale keeps Σσ fixed; flag: no rescale)
+
+so a uniform z gives back W and multiplying z by a constant changes nothing. θ₀ = 0.1 + 0.01·N(0,1).
+Three ways to run an adapted model, all on the model.py Transformer:
+  merged(model, expert)   W′ written into the weights (zero overhead), base restored bit-exactly;
+  attach + set_z(θ→z)     each target nn.Linear computes y = U((σ⊙z)⊙(Vh·x)): gradients reach θ
+                          without any m×n weight gradient (the official code builds full dL/dW′);
+  set_z with (B, r) z     one z per sequence of a batch (CEM populations, mixed expert batches).
+The factored path uses the Triton kernel of kernels/svf_linear.py on CUDA, plain torch otherwise.
+
+An expert file is safetensors: tensor name = target parameter name, value = θ (float32, length r),
+string metadata: parametrization, rescale, base_model, base_fingerprint, targets, layers, task, ...
+
+    python svf.py init  --model checkpoints/smollm2-135m-instruct --out runs/init.safetensors
+    python svf.py merge --model checkpoints/smollm2-135m-instruct --expert E.safetensors --out DIR2
+    python svf.py --bench     # SVD time, one training step vs (a) no SVF and (b) the official way
+"""
+import argparse
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import svd_cache
+
+USE_KERNEL = None  # None: Triton kernel when x is on CUDA; True: always (tests, under TRITON_INTERPRET=1)
+_kernel = []       # lazily imported svf_linear, or None when kernels/svf_linear.py cannot be imported
+
+
+def svf_matmul(x, U, S, Vh, z):
+    """y = x·(U·diag(S⊙z)·Vh)ᵀ for x (B, T, n), z (r,) or (B, r), rescale already folded into z."""
+    if USE_KERNEL or (USE_KERNEL is None and x.is_cuda):
+        if not _kernel:
+            try:
+                from kernels.svf_linear import svf_linear
+            except Exception as e:  # a broken kernel file must not take SVF down with it
+                warnings.warn(f"kernels/svf_linear.py unavailable ({e!r}); using the torch path")
+                svf_linear = None
+            _kernel.append(svf_linear)
+        if _kernel[0] is not None:
+            return _kernel[0](x, U, S, Vh, z)
+    # Torch path. Autograd gives, with a = Vh·x, g = dL/dy, s = Σσ/Σ(σ⊙z) (SPEC §1):
+    #   dL/dz_i = s·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z)   summed over tokens,   dL/dθ = dL/dz·z(1−z)
+    # (the second term comes through the rescale in set_z). Only (tokens × r) tensors appear; U, Vh
+    # do not require grad, so no m×n gradient is ever formed.
+    s = (S * z).to(x.dtype)                      # (r,) or (B, r)
+    s = s[:, None, :] if s.dim() == 2 else s     # (B, 1, r): one row of scales per sequence
+    return ((x @ Vh.T) * s) @ U.T                # (B, T, r) -> (B, T, m)
+
+
+def theta_to_z(theta, parametrization="sigmoid"):
+    if parametrization == "sigmoid":
+        return torch.sigmoid(theta)
+    if parametrization == "raw":
+        return theta
+    raise ValueError(f"parametrization must be 'sigmoid' or 'raw', got {parametrization!r}")
+
+
+def fold_rescale(S, z, rescale=True):
+    """z·Σσ/Σ(σ⊙z): the official rescale, per matrix and per row of a (B, r) z, folded into z."""
+    return z * (S.sum() / (S * z).sum(-1, keepdim=True)) if rescale else z
+
+
+def init_theta(cache, seed=0):
+    """θ₀ = 0.1 + 0.01·N(0,1) per target matrix (official init; z₀ = sigmoid(θ₀) ≈ 0.525)."""
+    g = torch.Generator().manual_seed(seed)
+    return {n: 0.1 + 0.01 * torch.randn(cache.rank(n), generator=g) for n in cache.names}
+
+
+# -----------------------------------------------------------------------------
+# The factored linear layer
+
+class SVFLinear(nn.Module):
+    """Stands in for one target nn.Linear. z None -> the original weights, exactly."""
+
+    def __init__(self, base: nn.Linear, U, S, Vh):
+        super().__init__()
+        object.__setattr__(self, "base", base)    # not a submodule: parameter names stay HF's
+        self.weight, self.bias = base.weight, base.bias  # the same Parameters (merged() writes them)
+        dev, dt = base.weight.device, base.weight.dtype
+        self.register_buffer("U", U.to(dev, dt), persistent=False)     # (m, r), model dtype
+        self.register_buffer("Vh", Vh.to(dev, dt), persistent=False)   # (r, n)
+        # σ and z stay at least float32 (the rescale sums r terms); float64 for gradcheck.
+        self.register_buffer("S", S.to(dev, torch.promote_types(dt, torch.float32)), persistent=False)
+        self.z = None  # (r,) or (B, r), rescale folded in; set by set_z
+
+    def forward(self, x):
+        if self.z is None:
+            return F.linear(x, self.weight, self.bias)
+        y = svf_matmul(x, self.U, self.S, self.Vh, self.z)
+        return y if self.bias is None else y + self.bias
+
+
+def svf_modules(model):
+    return [(f"{path}.weight", m) for path, m in model.named_modules() if isinstance(m, SVFLinear)]
+
+
+def attach(model, cache):
+    """Replace each target nn.Linear of `model` by an SVFLinear (in place, idempotent)."""
+    cache.check(model)
+    for name in cache.names:
+        path = name.removesuffix(".weight")
+        parent, child = path.rsplit(".", 1)
+        mod = model.get_submodule(path)
+        if not isinstance(mod, SVFLinear):
+            setattr(model.get_submodule(parent), child, SVFLinear(mod, *cache[name]))
+
+
+def detach(model):
+    """Put the original nn.Linear modules back."""
+    for name, mod in svf_modules(model):
+        parent, child = name.removesuffix(".weight").rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, mod.base)
+
+
+def set_z(model, zs, rescale=True):
+    """zs[name]: applied z, (r,) or (B, r), differentiable. None -> exact base weights everywhere."""
+    for name, mod in svf_modules(model):
+        if zs is None:
+            mod.z = None
+        elif name not in zs:
+            raise KeyError(f"set_z: no z for {name} (attached: {len(svf_modules(model))} matrices, given {len(zs)})")
+        else:
+            mod.z = fold_rescale(mod.S, zs[name].to(mod.S.device, mod.S.dtype), rescale)
+
+
+# -----------------------------------------------------------------------------
+# Expert files
+
+def model_order(name):  # model.layers.12.mlp.up_proj.weight -> (12, 5)
+    parts = name.split(".")
+    return int(parts[2]), svd_cache.KINDS["all"].index(".".join(parts[3:5]))
+
+
+@dataclass
+class Expert:
+    theta: dict                                # parameter name -> θ (r,) float32
+    meta: dict = field(default_factory=dict)   # strings only (safetensors metadata)
+    source: str = "<expert>"                   # file it came from, for error messages
+
+    @classmethod
+    def new(cls, theta, model, cache, parametrization="sigmoid", rescale=True, task="none", **extra):
+        meta = {"parametrization": parametrization, "rescale": str(rescale).lower(),
+                "base_model": str(getattr(model, "name_or_path", "?")), "base_fingerprint": cache.fingerprint,
+                "targets": cache.targets, "layers": ",".join(str(i) for i in sorted({model_order(n)[0] for n in theta})),
+                "task": task, **{k: str(v) for k, v in extra.items()}}
+        theta_to_z(torch.zeros(1), parametrization)  # validate
+        return cls({n: t.detach().float().cpu() for n, t in theta.items()}, meta)
+
+    @property
+    def rescale(self):
+        return self.meta.get("rescale", "true") == "true"
+
+    def z(self, name):
+        return theta_to_z(self.theta[name], self.meta.get("parametrization", "sigmoid"))
+
+    def zs(self):
+        return {n: self.z(n) for n in self.theta}
+
+    def save(self, path):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        save_file({n: t.detach().float().cpu().contiguous() for n, t in self.theta.items()}, tmp,
+                  metadata={k: str(v) for k, v in self.meta.items()})
+        os.replace(tmp, path)  # atomic: a crash never leaves half an expert
+
+    @classmethod
+    def load(cls, path):
+        with safe_open(path, framework="pt") as f:
+            names = sorted(f.keys(), key=model_order)
+            return cls({n: f.get_tensor(n) for n in names}, dict(f.metadata() or {}), str(path))
+
+    def check(self, model, cache):
+        """One clear ValueError when this expert does not fit `model` (other weights or shapes)."""
+        missing = [k for k in ("parametrization", "rescale", "base_fingerprint") if k not in self.meta]
+        if missing:
+            raise ValueError(f"{self.source}: not an SVF expert file (metadata lacks {missing})")
+        fp = self.meta["base_fingerprint"]
+        if fp != "*" and fp != cache.fingerprint:  # "*": transferred on purpose (transfer())
+            raise ValueError(f"{self.source}: expert was trained for base {fp} "
+                             f"({self.meta.get('base_model', '?')}), this model is {cache.fingerprint}")
+        bad = [f"{n} has r={t.numel()}, the model's matrix {cache.shapes.get(n, 'does not exist')}"
+               for n, t in self.theta.items() if n not in cache.shapes or t.shape != (cache.rank(n),)]
+        if bad:
+            raise ValueError(f"{self.source}: expert does not fit this model: {bad[0]} ({len(bad)} mismatches)")
+        cache.check(model)
+
+
+def mix(experts, alpha, mode="z"):
+    """z′ = Σ_k α_k·z_k (SPEC §4), α of shape (K,) or (K, n_matrices); returns applied z per name.
+    mode "z" mixes the applied z (paper: a one-hot α gives the expert back exactly); mode "theta"
+    mixes raw θ, then applies the parametrization (official code)."""
+    names = list(experts[0].theta)
+    if any(list(e.theta) != names for e in experts):
+        raise ValueError("mix: experts adapt different matrices")
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    alpha = alpha[:, None].expand(-1, len(names)) if alpha.dim() == 1 else alpha  # (K, n_matrices)
+    if alpha.shape != (len(experts), len(names)):
+        raise ValueError(f"alpha must be ({len(experts)},) or ({len(experts)}, {len(names)}), got {tuple(alpha.shape)}")
+    if mode == "z":
+        return {n: sum(a[j] * e.z(n) for a, e in zip(alpha, experts)) for j, n in enumerate(names)}
+    if mode == "theta":
+        params = {e.meta.get("parametrization", "sigmoid") for e in experts}
+        if len(params) > 1:
+            raise ValueError(f"mix(mode='theta'): experts use different parametrizations {params}")
+        p = params.pop()
+        return {n: theta_to_z(sum(a[j] * e.theta[n] for a, e in zip(alpha, experts)), p) for j, n in enumerate(names)}
+    raise ValueError(f"mix: mode must be 'z' or 'theta', got {mode!r}")
+
+
+def transfer(expert, shuffle=False, seed=0):
+    """Cross-model transfer (paper Table 5): the same θ for another base model with equal shapes;
+    shuffle=True permutes each vector (the control: does the singular-value order matter?)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = {n: t[torch.randperm(t.numel(), generator=g)] if shuffle else t.clone() for n, t in expert.theta.items()}
+    meta = dict(expert.meta, base_fingerprint="*", transferred_from=expert.meta.get("base_fingerprint", "?"),
+                transfer=f"shuffled seed={seed}" if shuffle else "in order")
+    return Expert(theta, meta, f"{expert.source} (transferred)")
+
+
+# -----------------------------------------------------------------------------
+# Merging W′ into the weights
+
+@contextmanager
+def merged(model, expert_or_zs, cache=None, rescale=True):
+    """Inside the block the target weights hold W′; on exit the base weights are back, bit for bit.
+    An expert (path or Expert) brings its own rescale flag; a dict of z uses `rescale`."""
+    if isinstance(expert_or_zs, (str, os.PathLike)):
+        expert_or_zs = Expert.load(expert_or_zs)
+    if isinstance(expert_or_zs, Expert):
+        cache = cache or svd_cache.load(model, names=list(expert_or_zs.theta))
+        expert_or_zs.check(model, cache)
+        zs, rescale = expert_or_zs.zs(), expert_or_zs.rescale
+    else:
+        zs = expert_or_zs
+        cache = cache or svd_cache.load(model, names=list(zs))
+        cache.check(model)
+    backup = {}  # on the CPU: a GPU model pays no extra GPU memory for the copy
+    try:
+        with torch.no_grad():
+            for name, z in zs.items():
+                if z.dim() != 1:
+                    raise ValueError(f"merged: one z per matrix, got {tuple(z.shape)} for {name} (use set_z for (B, r))")
+                U, S, Vh = cache[name]
+                z = fold_rescale(S, z.to(S.device, torch.float32), rescale)
+                W = model.get_parameter(name)
+                backup[name] = W.detach().to("cpu", copy=True)
+                W.copy_(((U * (S * z)) @ Vh).to(W.dtype))  # (m, r)·(r, n): W′ in float32, then model dtype
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, w in backup.items():
+                model.get_parameter(name).copy_(w)
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: SVD time; one training step vs (a) no SVF, (b) the official materialise-W′ approach
+
+def peak_memory(step):
+    """Peak bytes allocated while step() runs, above what was allocated before it.
+    CUDA: the caching allocator's counters. CPU: torch.profiler records every malloc/free of
+    torch's CPU allocator with its size; a running sum in time order gives the peak. (ru_maxrss
+    cannot be reset between runs, and tracemalloc does not see torch's allocator.) The event tree
+    is a private profiler API: if it moves, this is the one function to fix."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        ef = node.extra_fields
+        if type(ef).__name__ == "_ExtraFields_Allocation" and ef.device.type == "cpu":
+            events.append((node.start_time_ns, ef.alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def bench(args):
+    import tempfile
+    import time
+    from model import Transformer
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device {dev} | threads {torch.get_num_threads()} | float32")
+    tmp = tempfile.TemporaryDirectory()  # a fresh cache root, so the SVDs are really computed
+    for path in [args.model] + [q for q in [args.qwen] if q and Path(q, "model.safetensors").exists()]:
+        model = Transformer.from_pretrained(path, device=dev)
+        t0 = time.perf_counter()
+        cache = svd_cache.load(model, "mlp", root=tmp.name)
+        dt = time.perf_counter() - t0
+        shapes = sorted({cache.shapes[n] for n in cache.names})
+        print(f"SVD | {Path(path).name} | {len(cache.names)} MLP matrices {shapes} | {dt:.1f} s "
+              f"({dt / len(cache.names):.2f} s/matrix)")
+        if path == args.model:
+            main_model, main_cache = model, cache
+
+    model, cache = main_model, main_cache
+    factors = {n: cache[n] for n in cache.names}
+    theta0 = init_theta(cache)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g).to(dev)
+
+    def loss_of(logits):  # next-token cross-entropy: the shape of the REINFORCE log-likelihood term
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+    def plain():  # (a) gradients through the activations only (embedding output), no SVF
+        hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: o.requires_grad_())
+        loss_of(model(ids)).backward()
+        hook.remove()
+
+    def official():  # (b) materialise W′ per matrix, full-size dL/dW′, chain into θ (official code)
+        theta = {n: t.clone().to(dev).requires_grad_() for n, t in theta0.items()}
+        Ws = {}
+        for n, (U, S, Vh) in factors.items():
+            z = fold_rescale(S, torch.sigmoid(theta[n]))
+            Ws[n] = (U * (S * z)) @ Vh                                # (m, n) W′, in the graph
+        loss_of(torch.func.functional_call(model, Ws, (ids,))).backward()
+        return theta
+
+    def factored():  # ours: SVFLinear, y = U((σ⊙z)⊙(Vh·x)), only tokens×r intermediates
+        theta = {n: t.clone().to(dev).requires_grad_() for n, t in theta0.items()}
+        set_z(model, {n: torch.sigmoid(t) for n, t in theta.items()})
+        loss_of(model(ids)).backward()
+        set_z(model, None)
+        return theta
+
+    res = {}
+    for label, step in [("(a) no SVF", plain), ("(b) official", official), ("SVF factored", factored)]:
+        if step is factored:
+            attach(model, cache)
+        out = step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(args.repeat):
+            step()
+        sec = (time.perf_counter() - t0) / args.repeat
+        res[label] = (sec, peak_memory(step), out)
+        print(f"step {args.batch}x{args.seq} | {label:13s} | {sec:6.2f} s | peak {res[label][1] / 2**20:7.0f} MiB")
+    detach(model)
+    (ta, ma, _), (tb, mb, gb), (ts, ms, gs) = res.values()
+    err = max(((gs[n].grad - gb[n].grad).norm() / gb[n].grad.norm()).item() for n in gs)
+    static = sum(U.numel() + S.numel() + Vh.numel() for U, S, Vh in factors.values()) * 4
+    print(f"SVF vs (a): time {ts / ta:.2f}x, memory {ms / ma:.2f}x (goal <= 1.5x: {'yes' if ms <= 1.5 * ma else 'NO'})")
+    print(f"SVF vs (b): time {ts / tb:.2f}x, memory {ms / mb:.2f}x (goal < 1 both: "
+          f"{'yes' if ts < tb and ms < mb else 'NO'}) | dL/dθ agree to {err:.1e} (rel.)")
+    print(f"static, not in the peaks: U, S, Vh of {len(factors)} matrices = {static / 2**20:.0f} MiB "
+          f"(needed by SVF and by (b))")
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bench", action="store_true", help="SVD time + one training step vs (a) and (b)")
+    p.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout folder")
+    p.add_argument("--qwen", default="checkpoints/qwen2.5-coder-0.5b-instruct", help="bench: 2nd model, SVD time")
+    p.add_argument("--batch", type=int, default=8, help="bench: sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="bench: tokens per sequence")
+    p.add_argument("--repeat", type=int, default=1, help="bench: timed steps per variant")
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    sub = p.add_subparsers(dest="cmd")
+    i = sub.add_parser("init", help="write a freshly initialised expert (the start of training)")
+    i.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
+    i.add_argument("--out", required=True, help="expert .safetensors to write")
+    i.add_argument("--targets", default="mlp", choices=sorted(svd_cache.KINDS), help="paper: mlp")
+    i.add_argument("--layers", default=None, help='"half" or comma-separated indices (default: all)')
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--raw", action="store_true", help="z = θ instead of sigmoid(θ)")
+    i.add_argument("--no-rescale", action="store_true", help="drop the Σσ/Σ(σ⊙z) rescale")
+    i.add_argument("--task", default="none")
+    m = sub.add_parser("merge", help="write an HF folder with W′ merged in")
+    m.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
+    m.add_argument("--expert", required=True)
+    m.add_argument("--out", required=True, help="new folder (model.safetensors + config/tokenizer copies)")
+    for q in (i, m):
+        q.add_argument("--root", default=None, help="SVD cache root (default $T2_CACHE or ~/.cache/transformer2)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from model import Transformer
+    if args.bench:
+        return bench(args)
+    if args.cmd == "init":
+        model = Transformer.from_pretrained(args.model)
+        cache = svd_cache.load(model, args.targets, args.layers, args.root)
+        expert = Expert.new(init_theta(cache, args.seed), model, cache, "raw" if args.raw else "sigmoid",
+                            not args.no_rescale, args.task, seed=args.seed)
+        expert.save(args.out)
+        print(f"{args.out} | {len(expert.theta)} matrices | {sum(t.numel() for t in expert.theta.values()):,} "
+              f"parameters | base {cache.fingerprint}")
+    elif args.cmd == "merge":
+        src, out = Path(args.model), Path(args.out)
+        if out.resolve() == src.resolve():
+            raise SystemExit("--out must be a new folder, not the base model's")
+        model = Transformer.from_pretrained(src)
+        expert = Expert.load(args.expert)
+        cache = svd_cache.load(model, names=list(expert.theta), root=args.root)
+        out.mkdir(parents=True, exist_ok=True)
+        with merged(model, expert, cache):
+            state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            if model.config.tie_word_embeddings:
+                state.pop("lm_head.weight")  # safetensors refuses shared tensors; HF re-ties on load
+            save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+        for f in src.iterdir():  # config, generation config, tokenizer: everything but the weights
+            if f.is_file() and not f.name.startswith("model.safetensors"):
+                shutil.copy2(f, out / f.name)
+        print(f"{out} | {len(expert.theta)} matrices merged from {args.expert}")
+    else:
+        p.print_help()
+
+
+if __name__ == "__main__":
+    main()
