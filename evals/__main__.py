@@ -1,7 +1,7 @@
 """Evaluate a model (optionally with an SVF expert) on one task, score a file, or compare runs.
 
     python -m evals --task gsm8k --model checkpoints/smollm2-135m-instruct --limit 100 --out runs/gsm8k.jsonl
-    python -m evals --task mbpp --model DIR --expert runs/mbpp/expert.pt --split test
+    python -m evals --task mbpp --model DIR --expert runs/mbpp/best.safetensors --split test
     python -m evals --task humaneval --score samples.jsonl --out results.jsonl   # no model needed
     python -m evals --compare runs/base.jsonl runs/expert.jsonl                  # paired McNemar test
 
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (use 1 per process when several jobs share the cores)")
     ap.add_argument("--out", default=None, help="per-item JSONL (default: print the summary only)")
     return ap.parse_args(argv)
 
@@ -55,6 +57,8 @@ def generate_all(args, task, items):
     from model import Tokenizer, Transformer, generate
 
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = Transformer.from_pretrained(args.model)
     tok = Tokenizer.from_pretrained(args.model)
     ctx = contextlib.nullcontext()

@@ -1,0 +1,276 @@
+"""Two-pass inference (Transformer² paper §3.3, SPEC §4): pass 1 picks z′, pass 2 answers with W′(z′).
+
+Strategies for pass 1:
+  prompt    the base model labels the question code / math / reasoning / other inside \\boxed{}
+            (prompt and parser: evals/classify.py; the answer is pre-filled with "\\boxed{", since a
+            135M model never writes the box itself: --free-form for the paper's version); unparseable -> other
+  cls       the same question, asked with the classification expert z^c merged
+            (trained by `python reinforce.py --task cls`)
+  fewshot   z′ = Σ_k α_k·z_k with α found by cem.py for the task (--alpha runs/cem-*/alpha.json)
+"other" answers with exactly the base weights, as the paper says. (The official code keeps
+whichever expert it loaded last, so "other" silently reuses a stale expert: a bug we fix.)
+
+One prompt: merged weights, prints category, expert, answer and both passes' times:
+    python dispatch.py "Write a function that reverses a linked list."
+A whole task: accuracy (95% CI), dispatch confusion matrix (rows true, columns predicted),
+pass-1 / pass-2 seconds (paper Table 3) and, with --compare-base, a McNemar test vs the base:
+    python dispatch.py --task humaneval --strategy prompt --limit 20 --out runs/dispatch-humaneval
+    python dispatch.py --task math --strategy prompt --classify-only --limit 30   # pass 1 only
+Experts default to runs/{gsm8k,mbpp,arc_easy}-*/best.safetensors (made by `make train TASK=...`).
+"""
+import argparse
+import glob
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+import svd_cache
+import svf
+from evals import get_task
+from evals.classify import CATEGORIES, cls_task, free_form
+from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
+from model import Tokenizer, Transformer, generate
+
+TRUE_CATEGORY = {"math": "math", "gsm8k": "math", "humaneval": "code", "mbpp": "code",
+                 "arc_easy": "reasoning", "arc_challenge": "reasoning"}
+DEFAULT_EXPERTS = {"math": "runs/gsm8k-*/best.safetensors", "code": "runs/mbpp-*/best.safetensors",
+                   "reasoning": "runs/arc_easy-*/best.safetensors"}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to answer")
+    g.add_argument("prompt", nargs="?", help="one question (else --task)")
+    g.add_argument("--task", help="a whole benchmark: math, gsm8k, humaneval, mbpp, arc_easy, arc_challenge")
+    g.add_argument("--split", default="test")
+    g.add_argument("--limit", type=int, default=None, help="first N items")
+    g.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
+    g = p.add_argument_group("pass 1: choosing z′")
+    g.add_argument("--strategy", default="prompt", choices=["prompt", "cls", "fewshot"])
+    g.add_argument("--experts", nargs="*", default=[], metavar="CAT=FILE", help="math=F code=F reasoning=F")
+    g.add_argument("--cls-expert", default="runs/cls-*/best.safetensors", help="strategy cls: z^c")
+    g.add_argument("--alpha", default=None, help="strategy fewshot: cem.py's JSON (experts, alpha, mode)")
+    g.add_argument("--classify-only", action="store_true", help="task: pass 1 only (dispatch accuracy)")
+    g.add_argument("--free-form", action="store_true", help="pass 1 without the \\boxed{ prefill (evals/classify.py)")
+    g = p.add_argument_group("generation and output")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=None, help="pass 2 (default: the task's, or 512)")
+    g.add_argument("--compare-base", action="store_true", help="also answer with the base model (McNemar)")
+    g.add_argument("--out", default=None, help="folder: items.jsonl, summary.json, confusion.png")
+    g.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    return p.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# Experts: resolve files before the model is loaded, so a missing one costs nothing
+
+def find_expert(pattern, what, model_fp=None):
+    """A file, or the first glob match trained on this base model (runs/ may hold several models')."""
+    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    paths = [p for p in paths if Path(p).is_file()]
+    if model_fp:
+        with_fp = [p for p in paths if safe_open(p, "pt").metadata().get("base_fingerprint") in (model_fp, "*")]
+        paths = with_fp or paths  # none matches: keep them, Expert.check names the mismatch
+    if not paths:
+        raise SystemExit(f"dispatch: {what} expert not found: {pattern} (train it with reinforce.py, "
+                         f"or pass --experts math=FILE code=FILE reasoning=FILE / --cls-expert FILE)")
+    return paths[0]
+
+
+def expert_files(args):
+    """{category: pattern} of the experts this run needs (cheap existence check up front)."""
+    given = dict(s.split("=", 1) for s in args.experts)
+    unknown = set(given) - set(DEFAULT_EXPERTS)
+    if unknown:
+        raise SystemExit(f"dispatch: unknown expert category {sorted(unknown)} (known: math, code, reasoning)")
+    if args.strategy == "fewshot":
+        if not args.alpha or not Path(args.alpha).is_file():
+            raise SystemExit(f"dispatch: strategy fewshot needs --alpha FILE from cem.py (got {args.alpha})")
+        return {}
+    files = {} if args.classify_only else {c: given.get(c, DEFAULT_EXPERTS[c]) for c in DEFAULT_EXPERTS}
+    if args.strategy == "cls":
+        files["cls"] = args.cls_expert
+    for c, pattern in files.items():
+        find_expert(pattern, c)
+    return files
+
+
+def fewshot_z(alpha_file):
+    """z′ per matrix from cem.py's JSON: {"experts": [...], "alpha": ..., "mode": "z", "normalize": ...}."""
+    spec = json.loads(Path(alpha_file).read_text())
+    experts = [svf.Expert.load(find_expert(p, "fewshot")) for p in spec["experts"]]
+    alpha = torch.tensor(spec["alpha"], dtype=torch.float32)
+    alpha = alpha.reshape(len(experts)) if alpha.numel() == len(experts) else alpha  # (K,) or (K, n_matrices)
+    if spec.get("normalize"):  # idempotent when cem.py already saved α normalised to sum 1
+        alpha = alpha / alpha.sum(0, keepdim=True)
+    return svf.mix(experts, alpha, spec.get("mode", "z")), experts[0].rescale
+
+
+# -----------------------------------------------------------------------------
+# Pass 1 and pass 2
+
+def classify(model, tok, questions, cls_expert=None, batch_size=8, task=cls_task):
+    """Pass 1: a category per question, base weights or with z^c merged in (the cls task's prompt)."""
+    ctx = svf.merged(model, cls_expert) if cls_expert is not None else nullcontext()
+    prompts = [render_prompt(tok, task, {"question": q}) for q in questions]
+    texts = []
+    with ctx:
+        for s in range(0, len(prompts), batch_size):
+            texts += generate(model, tok, prompts[s:s + batch_size], max_new_tokens=task.max_new_tokens,
+                              stop=list(task.stop) or None)[1]
+    return [task.extract(t) for t in texts], texts
+
+
+def adapted(model, category, experts):
+    """Single prompt: W′ of the chosen expert merged in, or for "other" the base weights, exactly."""
+    if category == "other" or category not in experts:
+        svf.set_z(model, None)  # a no-op unless attached; never any leftover expert (official bug)
+        return nullcontext(model)
+    return svf.merged(model, experts[category])
+
+
+def row_zs(experts, categories, cache):
+    """Batch routed to several experts: {name: (B, r)}, row b carrying its category's z with the
+    rescale already folded in (so set_z(..., rescale=False)). "other" rows get z = 1, for which
+    U·diag(σ)·Vh reproduces W up to float32 rounding of the factors (~1e-6 relative; SPEC §1),
+    not bit-exactly: that is the price of sharing one batch; the single-prompt path is exact."""
+    out = {}
+    for name in cache.names:
+        S = cache[name][1]
+        rows = [svf.fold_rescale(S, experts[c].z(name).to(S), experts[c].rescale) if c in experts
+                else torch.ones_like(S) for c in categories]
+        out[name] = torch.stack(rows)  # (B, r)
+    return out
+
+
+def answer(model, tok, task, items, categories, experts, cache, args):
+    """Pass 2 for a task: batches whose rows may use different experts (svf.py's per-sequence z)."""
+    max_new = args.max_new_tokens or task.max_new_tokens
+    texts = []
+    for s in range(0, len(items), args.batch_size):
+        rows = items[s:s + args.batch_size]
+        if experts:
+            svf.set_z(model, row_zs(experts, categories[s:s + len(rows)], cache), rescale=False)
+        prompts = [render_prompt(tok, task, it) for it in rows]
+        texts += generate(model, tok, prompts, max_new_tokens=max_new, stop=list(task.stop) or None)[1]
+    svf.set_z(model, None)
+    return texts
+
+
+def confusion(true, pred):
+    return [[sum(1 for t, p in zip(true, pred) if (t, p) == (a, b)) for b in CATEGORIES] for a in CATEGORIES]
+
+
+def plot_confusion(matrix, title, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(matrix, cmap="Blues")
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, v, ha="center", va="center")
+    ax.set_xticks(range(4), CATEGORIES)
+    ax.set_yticks(range(4), CATEGORIES)
+    ax.set_xlabel("predicted (pass 1)")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+
+def main(args):
+    torch.set_num_threads(args.threads)
+    if bool(args.prompt) == bool(args.task):
+        raise SystemExit("dispatch: give either one prompt or --task NAME")
+    task = get_task(args.task) if args.task else None
+    files = expert_files(args)  # fails fast, before minutes of model loading
+    model = Transformer.from_pretrained(args.model)
+    tok = Tokenizer.from_pretrained(args.model)
+    fp = svd_cache.model_fingerprint(model)
+    experts = {c: svf.Expert.load(find_expert(p, c, fp)) for c, p in files.items()}
+    cls_expert = experts.pop("cls", None)
+    mixed = fewshot_z(args.alpha) if args.strategy == "fewshot" else None
+    pass1 = free_form if args.free_form else cls_task
+
+    if task is None:  # ---- one prompt: exact base or merged weights
+        t0 = time.perf_counter()
+        category = "mixed" if mixed else classify(model, tok, [args.prompt], cls_expert, task=pass1)[0][0]
+        t1 = time.perf_counter()
+        ctx = svf.merged(model, mixed[0], rescale=mixed[1]) if mixed else adapted(model, category, experts)
+        with ctx:
+            prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
+            text = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens or 512)[1][0]
+        t2 = time.perf_counter()
+        used = args.alpha if mixed else experts[category].source if category in experts else "base weights"
+        print(f"category {category} | expert {used}\n{text}\npass 1 {t1 - t0:.1f} s | pass 2 {t2 - t1:.1f} s")
+        return {"category": category, "expert": used, "answer": text, "pass1_s": t1 - t0, "pass2_s": t2 - t1}
+
+    # ---- a whole task: classify everything (batched), then answer in routed batches
+    items = task.load(args.split)[:args.limit]
+    true = TRUE_CATEGORY.get(task.name, "other")
+    t0 = time.perf_counter()
+    if mixed:  # few-shot: α was searched offline by cem.py; pass 1 here is only the mixing
+        pred, raw = ["mixed"] * len(items), [""] * len(items)
+    else:
+        pred, raw = classify(model, tok, [task.messages(it)[-1]["content"] for it in items], cls_expert, args.batch_size, pass1)
+    t1 = time.perf_counter()
+    matrix = confusion([true] * len(items), pred)
+    k_dispatch = sum(p == true for p in pred)
+    summary = {"task": task.name, "strategy": args.strategy, "n": len(items), "model": args.model,
+               "experts": {c: e.source for c, e in experts.items()}, "pass1_s": t1 - t0,
+               "categories": list(CATEGORIES), "confusion": matrix,
+               "dispatch_acc": k_dispatch / max(len(items), 1), "dispatch": fmt_acc(k_dispatch, len(items))}
+    print(f"pass 1 | {args.strategy} | {t1 - t0:.1f} s | " + ("one z′ for all (cem.py's α)" if mixed else
+          f"dispatch accuracy {summary['dispatch']} (true: {true})"))
+    print("confusion (rows true, cols predicted)\n" + f"{'':>10}" + "".join(f"{c:>10}" for c in CATEGORIES))
+    print("\n".join(f"{a:>10}" + "".join(f"{v:>10}" for v in row) for a, row in zip(CATEGORIES, matrix)))
+    rows = [{"id": it["id"], "category": p, "pass1": r} for it, p, r in zip(items, pred, raw)]
+
+    if not args.classify_only:
+        if mixed:  # one z′ for every row: merge it once (zero overhead)
+            with svf.merged(model, mixed[0], rescale=mixed[1]):
+                texts = answer(model, tok, task, items, pred, {}, None, args)
+        else:  # rows routed to different experts: the factored layers, one z per row
+            names = list(experts["math"].theta)
+            if any(list(e.theta) != names for e in experts.values()):
+                raise SystemExit("dispatch: the experts adapt different matrices; a routed batch needs the same ones")
+            cache = svd_cache.load(model, names=names)
+            for e in experts.values():
+                e.check(model, cache)
+            svf.attach(model, cache)
+            texts = answer(model, tok, task, items, pred, experts, cache, args)
+        t2 = time.perf_counter()
+        correct = task.check(items, texts)
+        k = sum(correct)
+        summary.update(pass2_s=t2 - t1, ratio=(t1 - t0) / (t2 - t1), accuracy=k / max(len(items), 1),
+                       acc=fmt_acc(k, len(items)))
+        print(f"pass 2 | {t2 - t1:.1f} s | pass 1 / pass 2 = {summary['ratio']:.2f} | accuracy {summary['acc']}")
+        for row, text, ok in zip(rows, texts, correct):
+            row.update(completion=text, correct=ok)
+        if args.compare_base:  # the same items, exact base weights, paired test
+            base = task.check(items, answer(model, tok, task, items, pred, {}, None, args))
+            summary.update(base_acc=fmt_acc(sum(base), len(items)), mcnemar_p=mcnemar(correct, base))
+            print(f"base   | accuracy {summary['base_acc']} | McNemar p = {summary['mcnemar_p']:.3g} (paired, n={len(items)})")
+            for row, ok in zip(rows, base):
+                row["base_correct"] = ok
+
+    if args.out:
+        out = Path(args.out)
+        write_jsonl(out / "items.jsonl", rows)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        plot_confusion(matrix, f"{task.name} | {args.strategy} | n={len(items)}", out / "confusion.png")
+        print(f"wrote {out}/items.jsonl, summary.json, confusion.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main(get_args())

@@ -1,0 +1,196 @@
+"""dispatch.py and evals/classify.py: parsing pass 1, "other" = base weights, routed batches, the cls task.
+
+Tiny random models and random experts; the real SmolLM2 tokenizer for the end-to-end CLI run.
+    .venv/bin/python -m pytest -q tests/test_dispatch.py
+"""
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dispatch
+import svd_cache
+import svf
+from evals import get_task
+from evals.classify import CATEGORIES, classification_messages, cls_task, parse_category
+from model import ModelConfig, Transformer
+
+
+def tiny_model(seed=0, vocab=64):
+    torch.manual_seed(seed)
+    cfg = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                      tie_word_embeddings=True, layer_windows=[None, None])
+    model = Transformer(cfg).eval().requires_grad_(False)
+    model.name_or_path = f"tiny-{seed}"
+    return model
+
+
+def random_experts(model, cache, seed=0):
+    """Three experts far from uniform z (θ ~ N(0, 1)), so each one visibly changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+    return {c: svf.Expert.new({n: torch.randn(cache.rank(n), generator=g) for n in cache.names}, model, cache,
+                              task=c, rescale=(c != "code"))  # one expert without the rescale
+            for c in ("math", "code", "reasoning")}
+
+
+def ids(B=5, T=9):
+    return torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- parsing pass 1
+
+@pytest.mark.parametrize("text, want", [
+    ("\\boxed{math}", "math"), ("\\boxed{Math}", "math"), ("The answer: \\boxed{ CODE }.", "code"),
+    ("\\boxed{\\text{Reasoning}}", "reasoning"), ("\\boxed{{math}}", "math"),   # nested braces
+    ("\\boxed{code} but maybe \\boxed{math}", "code"),                           # the first box counts
+    ("\\boxed{poetry}", "other"), ("\\boxed{mathematics}", "other"), ("\\boxed{x^{2}}", "other"),
+    ("\\boxed{}", "other"), ("math", "other"), ("", "other"), ("}{\\boxed", "other"), (None, "other"),
+    ("\\boxed{other}", "other"),
+])
+def test_parse_category(text, want):
+    assert parse_category(text) == want
+
+
+def test_one_prompt_definition():
+    """dispatch.py's pass 1 and the cls task show the model the very same chat."""
+    item = {"question": "What is 2 + 2?", "gold": "math"}
+    assert dispatch.cls_task is cls_task and dispatch.free_form.messages(item) == cls_task.messages(item)
+    assert cls_task.messages(item) == classification_messages("What is 2 + 2?")
+    assert "What is 2 + 2?" in cls_task.messages(item)[-1]["content"] and "\\boxed{" in cls_task.messages(item)[-1]["content"]
+    # completions come after the "\boxed{" prefill and are cut at the stop "}"
+    assert cls_task.check([item] * 3, ["Math", " code", "\\text{math"]) == [True, False, True]
+    assert dispatch.free_form.check([item] * 2, ["It adds. \\boxed{math}", "math"]) == [True, False]
+    assert get_task("cls") is cls_task
+
+
+# ----------------------------------------------------------------------------- pass 2
+
+def test_other_is_exactly_the_base_weights(tmp_path):
+    """After a merged expert and with a leftover per-row z, "other" gives bit-identical logits to a
+    model that was never adapted (the official code would keep the last expert here)."""
+    model, never = tiny_model(), tiny_model()
+    x = ids()
+    base = never(x)
+    cache = svd_cache.load(model, "mlp", root=tmp_path)
+    experts = random_experts(model, cache)
+    with dispatch.adapted(model, "math", experts):
+        assert not torch.allclose(model(x), base, atol=1e-3)  # the expert really acts
+    with dispatch.adapted(model, "other", experts):
+        assert torch.equal(model(x), base)
+    svf.attach(model, cache)
+    svf.set_z(model, experts["code"].zs())  # a stale expert left on the factored layers
+    assert not torch.allclose(model(x), base, atol=1e-3)
+    with dispatch.adapted(model, "other", experts):
+        assert torch.equal(model(x), base)
+
+
+def test_routed_batch_equals_each_row_alone(tmp_path):
+    """One batch, rows on different experts (and "other"), equals each row with its expert merged."""
+    model, ref = tiny_model(), tiny_model()
+    cache = svd_cache.load(model, "mlp", root=tmp_path)
+    experts = random_experts(model, cache)
+    cats = ["math", "other", "code", "reasoning", "math"]
+    x = ids(B=len(cats))
+    svf.attach(model, cache)
+    svf.set_z(model, dispatch.row_zs(experts, cats, cache), rescale=False)
+    batched = model(x)
+    for b, c in enumerate(cats):
+        with dispatch.adapted(ref, c, experts):
+            alone = ref(x[b:b + 1])[0]
+        # float32 factors: "other" (z = 1) reproduces W only up to rounding, hence allclose
+        torch.testing.assert_close(batched[b], alone, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(batched[0], batched[2], atol=1e-3)  # different experts really differ
+
+
+def test_fewshot_reads_cem_json(tmp_path):
+    """cem.py's alpha.json -> z′ = Σ α_k z_k; a one-hot α gives that expert's z back exactly."""
+    model = tiny_model()
+    experts = random_experts(model, svd_cache.load(model, "mlp", root=tmp_path))
+    paths = []
+    for c, e in experts.items():
+        e.save(tmp_path / f"{c}.safetensors")
+        paths.append(str(tmp_path / f"{c}.safetensors"))
+    spec = tmp_path / "alpha.json"
+    spec.write_text(json.dumps({"experts": paths, "alpha": [0.0, 0.0, 2.0], "mode": "z", "per_layer": False,
+                                "normalize": True}))
+    zs, rescale = dispatch.fewshot_z(spec)
+    assert rescale and all(torch.equal(zs[n], experts["reasoning"].z(n)) for n in zs)
+
+
+# ----------------------------------------------------------------------------- the cls task
+
+def test_cls_task_is_balanced_and_never_sees_a_test_item():
+    train, valid = cls_task.load("train"), cls_task.load("valid")
+    for items in (train, valid):
+        counts = Counter(it["gold"] for it in items)
+        assert set(counts) == {"math", "code", "reasoning"} and len(set(counts.values())) == 1, counts
+    assert not {it["id"] for it in train} & {it["id"] for it in valid}
+    seen = {it["question"] for it in train + valid}
+    for name in ("gsm8k", "mbpp", "arc_easy", "arc_challenge", "humaneval"):
+        task = get_task(name)
+        test_questions = {task.messages(it)[-1]["content"] for it in task.load("test")}
+        assert not seen & test_questions, name
+    assert cls_task.load("train") == train  # seeded: the same items in the same order every time
+    with pytest.raises(ValueError, match="no split 'test'"):
+        cls_task.load("test")
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_missing_expert_is_one_clear_line(tmp_path):
+    # --model does not exist either: the expert check comes first, before any loading
+    argv = ["--task", "humaneval", "--model", str(tmp_path / "nope"), "--experts", f"math={tmp_path}/m.safetensors"]
+    with pytest.raises(SystemExit) as e:
+        dispatch.main(dispatch.get_args(argv))
+    msg = str(e.value)
+    assert "math expert not found" in msg and "m.safetensors" in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="--alpha"):
+        dispatch.main(dispatch.get_args(["--task", "math", "--strategy", "fewshot", "--model", str(tmp_path)]))
+
+
+@pytest.fixture
+def tiny_run(smollm2_dir, tmp_path, monkeypatch):
+    """A tiny random model folder with SmolLM2's tokenizer, and three expert files for it."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    model = tiny_model(vocab=49152)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    c = model.config
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size, "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads, "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim, "tie_word_embeddings": True}))
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, folder / "model.safetensors")
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(smollm2_dir / f, folder / f)
+    loaded = Transformer.from_pretrained(folder)
+    experts = random_experts(loaded, svd_cache.load(loaded, "mlp"))
+    specs = []
+    for cat, e in experts.items():
+        e.save(tmp_path / f"{cat}.safetensors")
+        specs.append(f"{cat}={tmp_path / cat}.safetensors")
+    return folder, specs, tmp_path
+
+
+def test_cli_task_and_prompt_end_to_end(tiny_run):
+    folder, specs, tmp = tiny_run
+    common = ["--model", str(folder), "--experts", *specs, "--threads", "1"]
+    s = dispatch.main(dispatch.get_args(["--task", "gsm8k", "--limit", "3", "--batch-size", "2",
+                                         "--max-new-tokens", "3", "--compare-base", "--out", str(tmp / "out"),
+                                         *common]))
+    assert s["n"] == 3 and sum(map(sum, s["confusion"])) == 3 and s["categories"] == list(CATEGORIES)
+    assert sum(s["confusion"][CATEGORIES.index("math")]) == 3  # gsm8k's true category is math
+    assert s["pass1_s"] > 0 and s["pass2_s"] > 0 and "mcnemar_p" in s and "(n=3)" in s["acc"]
+    rows = [json.loads(line) for line in (tmp / "out" / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["category"] in CATEGORIES for r in rows)
+    assert (tmp / "out" / "confusion.png").stat().st_size > 0
+    assert json.loads((tmp / "out" / "summary.json").read_text())["n"] == 3
+    one = dispatch.main(dispatch.get_args(["Write a function that adds two numbers.", "--max-new-tokens", "3", *common]))
+    assert one["category"] in CATEGORIES
+    assert one["expert"] == ("base weights" if one["category"] == "other" else f"{tmp / one['category']}.safetensors")
