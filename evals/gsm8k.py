@@ -7,7 +7,8 @@ Data: `<data dir>/gsm8k/{train,test}.jsonl` (the original files); if missing, th
 are fetched from the GSM8K GitHub repository into cache/.
 
 Answer: the last number in the completion, read properly: sign, thousands separators ("1,000"),
-decimals, currency ("$18.50") and trailing punctuation ("18.") are handled. `official=True`
+decimals, currency ("$18.50") and trailing punctuation ("18.") are handled; when the completion
+boxes its answer (Qwen does, unasked), the number in the last \\boxed{} wins. `official=True`
 (`--official-extract`) reproduces the official extractor instead: the last run of digits, which
 drops minus signs and splits "1,000" into "1" and "000".
 
@@ -17,6 +18,7 @@ import re
 from decimal import Decimal
 
 from evals.common import Task, fetch, find_data_dir, offline_or_fetch, read_jsonl
+from evals.math import last_boxed
 
 URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/{}.jsonl"
 
@@ -75,7 +77,11 @@ class GSM8K(Task):
                 {"role": "user", "content": item["question"]}]
 
     def extract(self, completion):
-        return (official_number if self.official else parse_number)(completion)
+        if self.official:
+            return official_number(completion)
+        # A model that boxes its answer has named it: "\boxed{10} cm shorter after 5:00 PM" is 10, not 0.
+        boxed = last_boxed(completion)
+        return (boxed is not None and parse_number(boxed)) or parse_number(completion)
 
 
 gsm8k = GSM8K("gsm8k", splits=("train", "valid", "test"), max_new_tokens=512)

@@ -134,6 +134,14 @@ def test_gsm8k_extraction(text, ours, official):
     assert official_number(text) == official
 
 
+def test_gsm8k_boxed_answer_wins_over_later_numbers():
+    task = get_task("gsm8k")
+    text = "Therefore, the candle will be \\(\\boxed{10}\\) centimeters shorter from 1:00 PM to 5:00 PM."
+    assert task.extract(text) == "10"
+    assert task.extract("It is \\boxed{1,250} dollars.") == "1250"
+    assert task.extract("\\boxed{x} so 7") == "7"  # nothing numeric boxed: fall back to the last number
+
+
 def test_gsm8k_check_and_official_flag():
     import dataclasses
     task = get_task("gsm8k")
