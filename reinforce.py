@@ -171,8 +171,8 @@ def plot_curve(out, metrics):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps = [m["step"] for m in metrics]
-    ax.plot(steps, [m["train_acc"] for m in metrics], label="train reward > 0 (rollouts)", alpha=0.6)
+    t = [m for m in metrics if "train_acc" in m]
+    ax.plot([m["step"] for m in t], [m["train_acc"] for m in t], label="rollouts rewarded +1", alpha=0.6)
     v = [m for m in metrics if "valid_acc" in m]
     ax.errorbar([m["step"] for m in v], [m["valid_acc"] for m in v],
                 yerr=[[m["valid_acc"] - m["valid_lo"] for m in v], [m["valid_hi"] - m["valid_acc"] for m in v]],
@@ -261,7 +261,7 @@ def main(args):
         print(f"task {args.task} | train {len(train)} | valid {len(valid)} | {len(theta)} matrices, "
               f"{sum(t.numel() for t in params):,} parameters | {ws} rank(s) | device {device}")
     if st["step"] == 0 and not st["metrics"]:
-        st["metrics"].append({"step": 0, "train_acc": float("nan"), **validate(0)})
+        st["metrics"].append({"step": 0, **validate(0)})
         if rank == 0:
             print(f"step 0 | valid {st['metrics'][-1]['valid']} (initial z: ≈ the base model)")
         checkpoint()
