@@ -34,7 +34,7 @@ test: model
 	$(PY) -m pytest -q tests
 
 bench: model
-	$(PY) model.py --model $(CKPT) --bench
+	$(PY) tools/bench_model.py --model $(CKPT)
 
 train: model
 	$(PY) reinforce.py --task $(TASK) --model $(CKPT) --out runs/$(TASK)-$(MODEL) $(ARGS)
