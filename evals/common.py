@@ -144,6 +144,19 @@ class Task:
             raise ValueError(f"task {self.name!r} has no split {split!r} (has: {', '.join(self.splits)})")
 
 
+CODE_SYSTEM = "You are an expert Python programmer. Reply with one self-contained Python code block that solves the task."
+
+
+def check_code(task: Task, items: list[dict], completions: list[str], program) -> list[bool]:
+    """Code tasks (MBPP, HumanEval): extract each code block, build `program(item, code)` and run all
+    of them in the sandbox in parallel; no code block is a failure."""
+    from evals.sandbox import run_programs  # imported here: `python -m evals.sandbox` stays clean
+
+    codes = [task.extract(c) for c in completions]
+    results = iter(run_programs([program(item, code) for item, code in zip(items, codes, strict=True) if code]))
+    return [bool(code) and next(results).passed for code in codes]
+
+
 def render_prompt(tokenizer, task: Task, item: dict) -> str:
     """The text the model continues: its own chat template, then the task's prefill."""
     return tokenizer.apply_chat_template(task.messages(item), add_generation_prompt=True) + task.prefill

@@ -17,7 +17,7 @@ helper functions are there. Reward +1 iff the tests run to the end in the sandbo
 import importlib.util
 from pathlib import Path
 
-from evals.common import Task, extract_code, fetch, offline_or_fetch, read_jsonl
+from evals.common import CODE_SYSTEM, Task, check_code, extract_code, fetch, offline_or_fetch, read_jsonl
 
 URL = "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz"
 
@@ -43,19 +43,14 @@ class HumanEval(Task):
                  "gold": r["canonical_solution"]} for r in rows]
 
     def messages(self, item):
-        return [{"role": "system", "content": "You are an expert Python programmer. Reply with one "
-                                              "self-contained Python code block that solves the task."},
+        return [{"role": "system", "content": CODE_SYSTEM},
                 {"role": "user", "content": f"Complete this Python function:\n```python\n{item['prompt']}```"}]
 
     def extract(self, completion):
         return extract_code(completion)
 
     def check(self, items, completions):
-        from evals.sandbox import run_programs  # imported here: `python -m evals.sandbox` stays clean
-
-        codes = [self.extract(c) for c in completions]
-        results = iter(run_programs([program(item, code) for item, code in zip(items, codes, strict=True) if code]))
-        return [bool(code) and next(results).passed for code in codes]
+        return check_code(self, items, completions, program)
 
 
 humaneval = HumanEval("humaneval", splits=("test",), prefill="```python\n", stop=["```"], max_new_tokens=512)

@@ -17,7 +17,8 @@ problem's test_setup_code) in the sandbox (evals/sandbox.py).
 """
 import random
 
-from evals.common import Task, extract_code, fetch, offline_or_fetch, read_jsonl, read_olmo_docs
+from evals.common import (CODE_SYSTEM, Task, check_code, extract_code, fetch, offline_or_fetch, read_jsonl,
+                          read_olmo_docs)
 
 URL = "https://raw.githubusercontent.com/google-research/google-research/master/mbpp/mbpp.jsonl"
 SEED, N_TRAIN, N_VALID = 16, 300, 100
@@ -49,20 +50,14 @@ class MBPP(Task):
                  "setup": by_id[i]["test_setup_code"], "gold": by_id[i]["code"]} for i in sorted(chosen)]
 
     def messages(self, item):
-        return [{"role": "system", "content": "You are an expert Python programmer. Reply with one "
-                                              "self-contained Python code block that solves the task."},
+        return [{"role": "system", "content": CODE_SYSTEM},
                 {"role": "user", "content": f"{item['text']}\nYour code should pass this test:\n{item['tests'][0]}"}]
 
     def extract(self, completion):
         return extract_code(completion)
 
     def check(self, items, completions):
-        from evals.sandbox import run_programs  # imported here: `python -m evals.sandbox` stays clean
-
-        codes = [self.extract(c) for c in completions]
-        results = run_programs([program(item, code) for item, code in zip(items, codes, strict=True) if code])
-        results = iter(results)
-        return [bool(code) and next(results).passed for code in codes]
+        return check_code(self, items, completions, program)
 
 
 mbpp = MBPP("mbpp", splits=("train", "valid", "test"), prefill="```python\n", stop=["```"], max_new_tokens=512,
