@@ -58,6 +58,11 @@ class ModelConfig:
             c = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read config ({e})") from None
+        return cls.from_dict(c, path)
+
+    @classmethod
+    def from_dict(cls, c, path="config"):
+        """From a HF config dict (`path` names it in errors)."""
         mt = c.get("model_type")
         if mt not in SUPPORTED:
             raise ValueError(f"{path}: unsupported model_type {mt!r} (supported: {', '.join(SUPPORTED)})")
@@ -217,9 +222,11 @@ class Transformer(nn.Module):
         # Which layers use which sliding window; layers sharing a window share a mask.
         self.windows = sorted(set(cfg.layer_windows), key=lambda w: w or 0)
 
-    def hidden(self, input_ids, positions=None, attention_mask=None, cache=None):
+    def hidden(self, input_ids, positions=None, attention_mask=None, cache=None, embeds=None):
         """Final-normed hidden states (B, T, C).
 
+        embeds (B, T, C), when given, replaces the token embeddings of input_ids (vlm.py
+        splices image features in this way).
         input_ids (B, T) are the new tokens; attention_mask (B, S) marks real tokens (1) vs
         padding (0) over all S = cache.length + T slots; positions (B, T) default to the
         count of real tokens before each slot, so left padding does not shift RoPE.
@@ -243,7 +250,7 @@ class Transformer(nn.Module):
             masks[w] = (m | (k_slot == q_slot)).unsqueeze(1)               # (B, 1, T, S)
         freqs = positions[:, :, None].float() * self.inv_freq              # (B, T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, hd)
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if embeds is None else embeds
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for block, w in zip(self.model.layers, self.config.layer_windows):
             x = block(x, cos, sin, masks[w], cache)
@@ -251,17 +258,23 @@ class Transformer(nn.Module):
             cache.length = S
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, attention_mask=None, cache=None):
+    def forward(self, input_ids, positions=None, attention_mask=None, cache=None, embeds=None):
         """Logits (B, T, vocab) in float32."""
-        return self.lm_head(self.hidden(input_ids, positions, attention_mask, cache)).float()
+        return self.lm_head(self.hidden(input_ids, positions, attention_mask, cache, embeds)).float()
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu"):
         path = resolve_checkpoint(path_or_repo_id)
         cfg = ModelConfig.from_json(path / "config.json")
+        model = cls.from_state(cfg, load_safetensors(path), path, dtype)
+        model.name_or_path = str(path_or_repo_id)
+        return model.to(device)
+
+    @classmethod
+    def from_state(cls, cfg, state, path, dtype=torch.float32):
+        """Build from a state dict with HF key names, checked key by key and shape by shape."""
         with torch.device("meta"):
             model = cls(cfg)
-        state = load_safetensors(path)
         expected = {k: p for k, p in model.state_dict().items()}
         if cfg.tie_word_embeddings:
             expected.pop("lm_head.weight")
@@ -278,8 +291,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg)  # buffers built on "meta" must be rebuilt
-        model.name_or_path = str(path_or_repo_id)
-        return model.to(device).eval().requires_grad_(False)
+        return model.eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -402,9 +414,11 @@ def sample(logits, temperature, top_p, generator):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0,
-             seed=None, stop=None):
+             seed=None, stop=None, embeds=None):
     """Continue a batch of prompts (strings, rendered already, or id lists).
 
+    embeds (B, T, C), optional: input embeddings of the left-padded prompts, used for the
+    prefill instead of the token embeddings (vlm.py passes prompts with image features).
     Returns (ids, texts): per prompt the generated token ids, up to and including the eos
     token or the token that completed a stop string, and the decoded text cut before
     the eos/stop string. Each sequence stops on its own; the batch ends when all have.
@@ -420,7 +434,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     done = torch.zeros(B, dtype=torch.bool, device=device)
     x = ids
     for _ in range(max_new_tokens):
-        h = model.hidden(x, attention_mask=mask, cache=cache)[:, -1]       # (B, C)
+        h = model.hidden(x, attention_mask=mask, cache=cache, embeds=embeds)[:, -1]  # (B, C)
+        embeds = None
         nxt = sample(model.lm_head(h).float(), temperature, top_p, gen)    # (B,)
         nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_id), nxt)
         for i in (~done).nonzero().flatten().tolist():

@@ -1,0 +1,500 @@
+"""LLaVA: a CLIP vision tower and a projector in front of model.py's language model.
+
+The paper applies SVF to Llama3-LLaVA-NeXT-8B's language model (TextVQA training, OKVQA
+transfer). Here the vision side is written out and the language side is model.py's
+`Transformer`, reused as is, so svf.py / reinforce.py adapt it exactly like a text model.
+
+    image ──preprocess──> pixels (tiles, 3, H, W) ──CLIP ViT──> patch features (layer -2, CLS dropped)
+          ──projector (linear-GELU-linear)──> image embeddings, spliced into the prompt's token
+          embeddings where the prompt holds the image token ──> Transformer ──> logits
+
+LLaVA-1.5 sees one center-cropped square. LLaVA-NeXT ("anyres") also tiles the image at the
+best of `image_grid_pinpoints`: features = [whole image resized] + [tiles laid back out on
+their grid, the padding cropped off, one `image_newline` embedding closing every row].
+
+Loads the llava-hf safetensors layout (`language_model.model.*`, `vision_tower.vision_model.*`,
+`multi_modal_projector.*`, `image_newline`) and the layout transformers >= 5 saves
+(`model.language_model.*`, `model.vision_tower.*`, `lm_head`). Numerics follow transformers'
+LLaVA / CLIP / image-processor classes; tests/test_vlm.py compares against them.
+
+    python vlm.py --model DIR --image photo.jpg "What is in the picture?"
+    python vlm.py --model DIR --task easy_vqa --limit 100      # VQA accuracy (evals/vqa.py)
+"""
+import argparse
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import ModelConfig, Tokenizer, Transformer, generate, left_pad, load_safetensors, resolve_checkpoint
+
+# transformers' defaults for fields a llava-hf config.json may leave out (its text_config is
+# often partial: llava-1.5-7b-hf stores 8 keys and relies on LlamaConfig's defaults).
+TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, rms_norm_eps=1e-6, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, sliding_window=4096,
+                    max_position_embeddings=32768),
+}
+VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=32, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+ACTS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class VisionConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    image_size: int
+    patch_size: int
+    num_channels: int
+    layer_norm_eps: float
+    hidden_act: str
+
+
+@dataclass
+class VLMConfig:
+    model_type: str                 # "llava" (1.5) or "llava_next"
+    vision: VisionConfig
+    text: ModelConfig
+    image_token_id: int
+    feature_layer: int | list       # hidden state(s) of the vision tower fed to the projector
+    select: str                     # "default": drop the CLS feature; "full": keep it
+    projector_act: str
+    projector_bias: bool
+    grid_pinpoints: list | None     # LLaVA-NeXT tiling resolutions, (height, width)
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        try:
+            c = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read config ({e})") from None
+        mt = c.get("model_type")
+        if mt not in ("llava", "llava_next"):
+            raise ValueError(f"{path}: unsupported model_type {mt!r} (vlm.py reads llava, llava_next)")
+        vc = {**VISION_DEFAULTS, **{k: v for k, v in c.get("vision_config", {}).items() if k in VISION_DEFAULTS}}
+        if vc["hidden_act"] not in ACTS:
+            raise ValueError(f"{path}: unsupported vision activation {vc['hidden_act']!r}")
+        tc = dict(c.get("text_config") or {"model_type": "llama"})
+        tc.setdefault("model_type", "llama")
+        tc = {**TEXT_DEFAULTS.get(tc["model_type"], {}), **tc}
+        token = c.get("image_token_id", c.get("image_token_index"))
+        if token is None:
+            raise ValueError(f"{path}: no image_token_id / image_token_index")
+        return cls(model_type=mt, vision=VisionConfig(**vc), text=ModelConfig.from_dict(tc, f"{path} text_config"),
+                   image_token_id=int(token), feature_layer=c.get("vision_feature_layer", -2),
+                   select=c.get("vision_feature_select_strategy", "default"),
+                   projector_act=c.get("projector_hidden_act", "gelu"),
+                   projector_bias=c.get("multimodal_projector_bias", True),
+                   grid_pinpoints=c.get("image_grid_pinpoints") if mt == "llava_next" else None)
+
+
+# -----------------------------------------------------------------------------
+# CLIP vision tower (attribute names = transformers' CLIPVisionModel)
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        self.patch_embedding = nn.Conv2d(c.num_channels, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
+        self.position_embedding = nn.Embedding((c.image_size // c.patch_size) ** 2 + 1, c.hidden_size)
+
+    def forward(self, pixels):                                         # (N, 3, H, W)
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)    # (N, P, D) row-major patches
+        cls = self.class_embedding.expand(x.size(0), 1, -1).to(x.dtype)
+        return torch.cat([cls, x], dim=1) + self.position_embedding.weight.to(x.dtype)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        D = c.hidden_size
+        self.n_head = c.num_attention_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = (p(x).view(N, T, self.n_head, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)                   # bidirectional: no mask
+        return self.out_proj(y.transpose(1, 2).reshape(N, T, D))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.act = ACTS[c.hidden_act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = VisionAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.mlp = VisionMLP(c)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(c)
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)   # sic: HF's name
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(VisionBlock(c) for _ in range(c.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # pooled output only; LLaVA skips it
+
+    def hidden_states(self, pixels, upto):
+        """[embeddings, after layer 1, ..., after layer `upto`] (HF's hidden_states[:upto+1])."""
+        x = self.pre_layrnorm(self.embeddings(pixels))
+        states = [x]
+        for block in self.encoder.layers[:upto]:
+            x = block(x)
+            states.append(x)
+        return states
+
+
+class CLIPVision(nn.Module):
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        self.vision_model = VisionTransformer(c)
+
+
+class Projector(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        n_layers = 1 if isinstance(cfg.feature_layer, int) else len(cfg.feature_layer)
+        D, C = cfg.vision.hidden_size, cfg.text.hidden_size
+        self.linear_1 = nn.Linear(D * n_layers, C, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(C, C, bias=cfg.projector_bias)
+        self.act = ACTS[cfg.projector_act]
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+# -----------------------------------------------------------------------------
+# LLaVA
+
+class LLaVA(nn.Module):
+    def __init__(self, cfg: VLMConfig, language_model: Transformer):
+        super().__init__()
+        self.config = cfg
+        self.vision_tower = CLIPVision(cfg.vision)
+        self.multi_modal_projector = Projector(cfg)
+        self.language_model = language_model
+        if cfg.model_type == "llava_next":
+            self.image_newline = nn.Parameter(torch.zeros(cfg.text.hidden_size))
+
+    def patch_features(self, pixels):
+        """pixels (N, 3, H, W) -> projected features (N, P, C) of the configured layer(s)."""
+        layers = [self.config.feature_layer] if isinstance(self.config.feature_layer, int) else self.config.feature_layer
+        L = self.config.vision.num_hidden_layers
+        idx = [l % (L + 1) for l in layers]                            # -2 -> L-1: the penultimate layer
+        states = self.vision_tower.vision_model.hidden_states(pixels, max(idx))
+        x = torch.cat([states[i] for i in idx], dim=-1)
+        if self.config.select == "default":
+            x = x[:, 1:]                                               # drop the CLS position
+        return self.multi_modal_projector(x)
+
+    def image_features(self, image):
+        """One preprocessed image (see `Preprocessor`) -> its embeddings (n_tokens, C)."""
+        pixels = image["pixels"].to(self.image_dtype)
+        feats = self.patch_features(pixels)                            # (tiles, P, C)
+        if self.config.model_type == "llava":
+            return feats[0]
+        return pack_anyres(feats, image["size"], self.config, self.image_newline)
+
+    @property
+    def image_dtype(self):
+        return self.multi_modal_projector.linear_1.weight.dtype
+
+    def embed(self, ids, images):
+        """ids (B, T) whose image tokens are already expanded (`expand_image_tokens`) ->
+        input embeddings with the images' features in place of those tokens, in order."""
+        x = self.language_model.model.embed_tokens(ids)
+        slots = ids == self.config.image_token_id
+        if images:
+            feats = torch.cat([self.image_features(im) for im in images]).to(x.dtype)
+            if int(slots.sum()) != feats.size(0):
+                raise ValueError(f"prompts hold {int(slots.sum())} image tokens, images give {feats.size(0)} features")
+            x = x.masked_scatter(slots[..., None], feats)
+        elif slots.any():
+            raise ValueError("prompt holds image tokens but no image was given")
+        return x
+
+    def forward(self, ids, images, attention_mask=None):
+        """Logits (B, T, vocab) for expanded ids (B, T) and their images (list, in order)."""
+        return self.language_model(ids, attention_mask=attention_mask, embeds=self.embed(ids, images))
+
+    def num_image_tokens(self, image):
+        """How many embeddings `image_features` returns for this preprocessed image."""
+        c = self.config
+        side = c.vision.image_size // c.vision.patch_size
+        per_tile = side * side + (c.select == "full")
+        if c.model_type == "llava":
+            return per_tile
+        gh, gw = (r // c.vision.image_size for r in select_best_resolution(image["size"], c.grid_pinpoints))
+        h, w = unpadded_shape(gh * side, gw * side, image["size"])
+        return per_tile + h * (w + 1)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu"):
+        path = resolve_checkpoint(path_or_repo_id)
+        cfg = VLMConfig.from_json(path / "config.json")
+        state = {_our_key(k): v for k, v in load_safetensors(path).items() if not k.endswith("position_ids")}
+        lm_state = {k[len("language_model."):]: state.pop(k) for k in list(state) if k.startswith("language_model.")}
+        lm = Transformer.from_state(cfg.text, lm_state, path, dtype)
+        with torch.device("meta"):
+            model = cls(cfg, nn.Module())
+        expected = {k: p for k, p in model.state_dict().items()}
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint keys do not match {cfg.model_type} "
+                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+        for k, p in expected.items():
+            if tuple(state[k].shape) != tuple(p.shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, config says {tuple(p.shape)}")
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        model.language_model = lm
+        model.name_or_path = str(path_or_repo_id)
+        return model.to(device).eval().requires_grad_(False)
+
+
+def _our_key(k):
+    """Any of the saved LLaVA layouts -> the llava-hf hub layout (this module's attribute names).
+    Hub: language_model.model.*, language_model.lm_head, vision_tower.vision_model.*;
+    transformers >= 5 in memory: model.language_model.*, lm_head, model.vision_tower.*;
+    transformers >= 5 on disk: the hub names, but CLIP without the vision_model level."""
+    if k.startswith("model.language_model."):
+        k = "language_model.model." + k[len("model.language_model."):]
+    elif k == "lm_head.weight":
+        k = "language_model.lm_head.weight"
+    elif k.startswith("model."):
+        k = k[len("model."):]
+    if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+        k = "vision_tower.vision_model." + k[len("vision_tower."):]
+    return k
+
+
+# -----------------------------------------------------------------------------
+# LLaVA-NeXT anyres geometry (the same integer arithmetic as transformers)
+
+def select_best_resolution(size, pinpoints):
+    """(height, width) of the pinpoint that keeps the most of the image's pixels, then wastes least."""
+    H, W = size
+    best, best_eff, best_waste = None, -1, float("inf")
+    for h, w in pinpoints:
+        s = min(w / W, h / H)
+        eff = min(int(W * s) * int(H * s), W * H)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (h, w), eff, waste
+    return best
+
+
+def unpadded_shape(h, w, size):
+    """Feature-grid (h, w) left after removing the letterbox padding of an image of `size`."""
+    H, W = size
+    if W / H > w / h:
+        pad = (h - int(round(H * (w / W), 7))) // 2
+        return h - 2 * pad, w
+    pad = (w - int(round(W * (h / H), 7))) // 2
+    return h, w - 2 * pad
+
+
+def pack_anyres(feats, size, cfg: VLMConfig, newline):
+    """(1 + tiles, P, C) tile features -> (n_tokens, C): base image, then the tiles' grid, unpadded,
+    with `newline` after every row."""
+    base, tiles = feats[0], feats[1:]
+    side = cfg.vision.image_size // cfg.vision.patch_size
+    gh, gw = (r // cfg.vision.image_size for r in select_best_resolution(size, cfg.grid_pinpoints))
+    C = tiles.size(-1)
+    grid = tiles.view(gh, gw, side, side, C).permute(4, 0, 2, 1, 3).reshape(C, gh * side, gw * side)
+    h, w = unpadded_shape(gh * side, gw * side, size)
+    top, left = (gh * side - h) // 2, (gw * side - w) // 2
+    grid = grid[:, top:top + h, left:left + w]
+    grid = torch.cat([grid, newline.to(grid.dtype)[:, None, None].expand(C, h, 1)], dim=2)  # (C, h, w+1)
+    return torch.cat([base, grid.flatten(1).T])
+
+
+# -----------------------------------------------------------------------------
+# Images and prompts
+
+class Preprocessor:
+    """The checkpoint's preprocessor_config.json: resize (bicubic), center crop, rescale, normalise;
+    for LLaVA-NeXT also the anyres tiles. Images are read with Pillow."""
+
+    def __init__(self, cfg: dict, grid_pinpoints=None):
+        size = cfg.get("size", {"shortest_edge": 336})
+        self.shortest = size.get("shortest_edge") or size.get("height")
+        crop = cfg.get("crop_size", {"height": self.shortest, "width": self.shortest})
+        self.crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
+        self.do_crop = cfg.get("do_center_crop", True)
+        self.resample = cfg.get("resample", 3)                        # 3 = PIL bicubic
+        self.scale = cfg.get("rescale_factor", 1 / 255)
+        self.mean = np.array(cfg.get("image_mean", [0.48145466, 0.4578275, 0.40821073]), dtype=np.float32)
+        self.std = np.array(cfg.get("image_std", [0.26862954, 0.26130258, 0.27577711]), dtype=np.float32)
+        self.grid_pinpoints = cfg.get("image_grid_pinpoints", grid_pinpoints)
+
+    @classmethod
+    def from_pretrained(cls, path, grid_pinpoints=None):
+        f = Path(path) / "preprocessor_config.json"
+        return cls(json.loads(f.read_text()) if f.exists() else {}, grid_pinpoints)
+
+    def _square(self, im):
+        """CLIP's path: shortest edge -> `shortest` (aspect kept), center crop, normalise: (3, h, w)."""
+        from PIL import Image
+        W, H = im.size
+        if H <= W:
+            new = (int(self.shortest * W / H), self.shortest)
+        else:
+            new = (self.shortest, int(self.shortest * H / W))
+        im = im.resize(new, Image.Resampling(self.resample)) if new != im.size else im
+        x = np.asarray(im, dtype=np.float32)
+        if self.do_crop:
+            ch, cw = self.crop
+            top, left = (x.shape[0] - ch) // 2, (x.shape[1] - cw) // 2
+            x = x[top:top + ch, left:left + cw]
+        return torch.from_numpy(((x * self.scale - self.mean) / self.std).transpose(2, 0, 1).copy())
+
+    def __call__(self, image):
+        """A path or PIL image -> {"pixels": (tiles, 3, h, w), "size": (H, W) of the original}."""
+        from PIL import Image
+        im = image if isinstance(image, Image.Image) else Image.open(image)
+        im = im.convert("RGB")
+        W, H = im.size
+        if not self.grid_pinpoints:
+            return {"pixels": self._square(im)[None], "size": (H, W)}
+        # anyres: fit into the best pinpoint (aspect kept, ceil), letterbox with black, cut tiles
+        bh, bw = select_best_resolution((H, W), self.grid_pinpoints)
+        if bw / W < bh / H:
+            nh, nw = min(math.ceil(H * bw / W), bh), bw
+        else:
+            nh, nw = bh, min(math.ceil(W * bh / H), bw)
+        canvas = Image.new("RGB", (bw, bh))
+        canvas.paste(im.resize((nw, nh), Image.Resampling(self.resample)), ((bw - nw) // 2, (bh - nh) // 2))
+        p = self.crop[0]
+        tiles = [canvas.crop((j, i, j + p, i + p)) for i in range(0, bh, p) for j in range(0, bw, p)]
+        base = im.resize((self.shortest, self.shortest), Image.Resampling(self.resample))
+        return {"pixels": torch.stack([self._square(t) for t in [base] + tiles]), "size": (H, W)}
+
+
+def expand_image_tokens(ids, image_token_id, counts):
+    """One image token per image -> `counts[i]` copies for image i (in order of appearance)."""
+    out, k = [], 0
+    for t in ids:
+        if t == image_token_id:
+            if k >= len(counts):
+                raise ValueError(f"prompt holds more image tokens than the {len(counts)} image(s) given")
+            out += [t] * counts[k]
+            k += 1
+        else:
+            out.append(t)
+    if k != len(counts):
+        raise ValueError(f"prompt holds {k} image token(s) for {len(counts)} image(s)")
+    return out
+
+
+def prepare(vlm, tokenizer, prompt, images, preprocess):
+    """A prompt (string with one "<image>" per image, or id list) and its images -> (expanded ids, processed images)."""
+    tid = vlm.config.image_token_id
+    if isinstance(prompt, str):
+        parts = prompt.split("<image>")
+        ids = tokenizer.encode(parts[0])
+        for part in parts[1:]:  # encode around the marker: the image token need not be in the vocabulary
+            ids += [tid] + tokenizer.encode(part)[_bos_len(tokenizer):]
+    else:
+        ids = list(prompt)
+    processed = [preprocess(im) for im in images]
+    return expand_image_tokens(ids, tid, [vlm.num_image_tokens(im) for im in processed]), processed
+
+
+def _bos_len(tokenizer):
+    """Tokens the tokenizer prepends to every encode (a BOS), skipped on continuation pieces."""
+    return len(tokenizer.encode(""))
+
+
+def vqa_prompt(tokenizer, question):
+    """A user turn through the checkpoint's chat template when it has one, else LLaVA-1.5's format."""
+    if tokenizer.template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}])
+    return f"USER: {question} ASSISTANT:"
+
+
+@torch.inference_mode()
+def vlm_generate(vlm, tokenizer, prompts, images, preprocess, **kw):
+    """model.generate for prompts with images: images[i] is the list of images of prompts[i]."""
+    seqs, flat = [], []
+    for p, ims in zip(prompts, images):
+        ids, processed = prepare(vlm, tokenizer, p, ims, preprocess)
+        seqs.append(ids)
+        flat += processed
+    device = next(vlm.parameters()).device
+    ids, _ = left_pad(seqs, tokenizer.pad_id, device)
+    return generate(vlm.language_model, tokenizer, seqs, embeds=vlm.embed(ids, flat), **kw)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="question about --image")
+    p.add_argument("--model", required=True, help="llava-hf layout folder (config.json, *.safetensors, tokenizer, preprocessor_config.json)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
+    p.add_argument("--task", help="evaluate on a VQA task instead (easy_vqa, textvqa, okvqa)")
+    p.add_argument("--limit", type=int, default=None, help="first N items of the task")
+    p.add_argument("--expert", help="SVF expert (.safetensors) applied to the language model")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vlm = LLaVA.from_pretrained(args.model)
+    tok = Tokenizer.from_pretrained(args.model)
+    pre = Preprocessor.from_pretrained(resolve_checkpoint(args.model), vlm.config.grid_pinpoints)
+    if not args.task and (not args.prompt or not args.image):
+        p.error("give a prompt and at least one --image (or --task)")
+    ctx = contextlib.nullcontext()
+    if args.expert:
+        import svf  # the expert adapts the language model's matrices, merged once
+        ctx = svf.merged(vlm.language_model, args.expert)
+    with ctx:
+        if args.task:
+            from evals import vqa
+            print(vqa.evaluate(vlm, tok, pre, args.task, limit=args.limit, max_new_tokens=args.max_new_tokens))
+            return
+        prompt = args.prompt if "<image>" in args.prompt else "<image>\n" * len(args.image) + args.prompt
+        t0 = time.time()
+        _, texts = vlm_generate(vlm, tok, [vqa_prompt(tok, prompt)], [args.image], pre, max_new_tokens=args.max_new_tokens)
+        print(texts[0])
+        print(f"({time.time() - t0:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
