@@ -414,11 +414,11 @@ def sample(logits, temperature, top_p, generator):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0,
-             seed=None, stop=None, embeds=None):
+             seed=None, stop=None, embed=None):
     """Continue a batch of prompts (strings, rendered already, or id lists).
 
-    embeds (B, T, C), optional: input embeddings of the left-padded prompts, used for the
-    prefill instead of the token embeddings (vlm.py passes prompts with image features).
+    embed, optional: left-padded prompt ids (B, T) -> input embeddings (B, T, C) for the prefill,
+    in place of the token embeddings (vlm.py splices image features in this way).
     Returns (ids, texts): per prompt the generated token ids, up to and including the eos
     token or the token that completed a stop string, and the decoded text cut before
     the eos/stop string. Each sequence stops on its own; the batch ends when all have.
@@ -432,7 +432,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     out = [[] for _ in range(B)]
     texts = [None] * B
     done = torch.zeros(B, dtype=torch.bool, device=device)
-    x = ids
+    x, embeds = ids, (embed(ids) if embed is not None else None)
     for _ in range(max_new_tokens):
         h = model.hidden(x, attention_mask=mask, cache=cache, embeds=embeds)[:, -1]  # (B, C)
         embeds = None
@@ -457,17 +457,17 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     return out, texts
 
 
-def completion_hidden(model, prompts, completions):
+def completion_hidden(model, prompts, completions, embed=None):
     """Hidden states that predict each completion token given its prompt (id lists), batched.
 
     Returns h (N, C), targets (N,), row (N,), col (N,): one entry per completion token over the
     whole batch (N = total completion tokens); token j of completion i sits at [row=i, col=j].
-    Differentiable: callers decide about no_grad.
+    Differentiable: callers decide about no_grad. `embed` as in `generate`.
     """
     device = next(model.parameters()).device
     seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
     ids, mask = left_pad(seqs, 0, device)
-    h = model.hidden(ids, attention_mask=mask)                            # (B, T, C)
+    h = model.hidden(ids, attention_mask=mask, embeds=embed(ids) if embed is not None else None)  # (B, T, C)
     T = ids.size(1)
     row = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(completions)]).to(device)
     col = torch.cat([torch.arange(len(c)) for c in completions]).to(device)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import svd_cache
 import svf
+import vlm
 from evals import get_task, TASKS
 from evals.common import fmt_acc, render_prompt, wilson
 from model import Tokenizer, Transformer, completion_hidden, generate
@@ -58,6 +59,8 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on θ")
     g.add_argument("--clip", type=float, default=1e-3, help="max gradient norm")
     g.add_argument("--kl-coef", type=float, default=0.1, help="λ; the paper sweeps {0, 0.1, 0.2, 0.3}, the official code uses 0")
+    g.add_argument("--wrong-reward", type=float, default=None,
+                   help="reward of a wrong answer (default -1; the paper's VLM runs: -0.1; VQA tasks only)")
     g.add_argument("--kl-direction", default="paper", choices=["paper", "official"], help="KL(π′‖π) or KL(π‖π′)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (official code)")
@@ -105,7 +108,28 @@ def batch_indices(step, n_items, batch_size, seed):
     return out
 
 
-def rollout(model, tok, task, items, prompts, theta, cache, args, seed):
+def build_prompts(tok, task, items, vision=None):
+    """Rendered prompts; with a VLM (vision = (LLaVA, Preprocessor)) each becomes its id list with
+    the image tokens expanded, and its preprocessed image rides along in the item ("_image")."""
+    prompts = [render_prompt(tok, task, it) for it in items]
+    if vision is None:
+        return prompts
+    out = []
+    for p, it in zip(prompts, items):
+        ids, it["_image"] = vlm.prepare(vision[0], tok, p, [it["image"]], vision[1])
+        out.append(ids)
+    return out
+
+
+def embedder(items, vision):
+    """None for a text model; for a VLM: padded ids -> embeddings with the items' images spliced in."""
+    if vision is None:
+        return None
+    images = [im for it in items for im in it["_image"]]
+    return lambda ids: vision[0].embed(ids, images)
+
+
+def rollout(model, tok, task, items, prompts, theta, cache, args, seed, vision=None):
     """Generate answers with the current expert merged in; returns completion ids and rewards."""
     zs = {n: svf.theta_to_z(t.detach(), args.parametrization) for n, t in theta.items()}
     ids, correct = [], []
@@ -113,7 +137,8 @@ def rollout(model, tok, task, items, prompts, theta, cache, args, seed):
     with svf.merged(model, zs, cache):
         for s in range(0, len(items), args.rollout_batch):
             out, texts = generate(model, tok, prompts[s:s + args.rollout_batch], max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p, seed=seed + s, stop=list(task.stop))
+                                  temperature=args.temperature, top_p=args.top_p, seed=seed + s, stop=list(task.stop),
+                                  embed=embedder(items[s:s + args.rollout_batch], vision))
             ids += out
             correct += task.check(items[s:s + args.rollout_batch], texts)
     return ids, correct
@@ -126,15 +151,15 @@ def kl_per_token(logp, ref_logp, direction):
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
 
-def loss_on(model, theta, prompt_ids, comp_ids, rewards, B, args, chunk=512):
+def loss_on(model, theta, prompt_ids, comp_ids, rewards, B, args, chunk=512, embed=None):
     """Policy-gradient + KL loss of one micro-batch, already divided by the global batch B."""
     if args.kl_coef > 0:  # the base policy at the same positions (no grad, exact base weights)
         svf.set_z(model, None)
         with torch.no_grad():
-            h_ref = completion_hidden(model, prompt_ids, comp_ids)[0]
+            h_ref = completion_hidden(model, prompt_ids, comp_ids, embed)[0]
     zs = {n: svf.theta_to_z(t, args.parametrization) for n, t in theta.items()}
     svf.set_z(model, zs)
-    h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids)
+    h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids, embed)
     r = torch.tensor(rewards, dtype=torch.float32)[row]
     pg, kl = h.new_zeros(()), h.new_zeros(())
     for s in range(0, len(targets), chunk):  # chunks keep tokens × vocab logits small
@@ -149,13 +174,13 @@ def loss_on(model, theta, prompt_ids, comp_ids, rewards, B, args, chunk=512):
     return float(pg.detach()) / B, float(kl.detach()) / B
 
 
-def evaluate(model, tok, task, items, theta, cache, args):
+def evaluate(model, tok, task, items, theta, cache, args, vision=None):
     """Greedy accuracy of the current expert on `items` (sharded over ranks); returns (k, n)."""
     rank, ws = world()
     mine = items[rank::ws]
-    prompts = [render_prompt(tok, task, it) for it in mine]
+    prompts = build_prompts(tok, task, mine, vision)
     greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0})
-    _, correct = rollout(model, tok, task, mine, prompts, theta, cache, greedy, seed=0)
+    _, correct = rollout(model, tok, task, mine, prompts, theta, cache, greedy, seed=0, vision=vision)
     k = all_sum(torch.tensor([sum(correct), len(correct)], dtype=torch.long))
     return int(k[0]), int(k[1])
 
@@ -202,8 +227,19 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
 
-    model = Transformer.from_pretrained(args.model, device=device)
-    tok = Tokenizer.from_pretrained(args.model)
+    vision = None
+    if vlm.is_vlm(args.model):  # LLaVA: SVF adapts its language model; images ride in the prompts
+        llava, tok, pre = vlm.load(args.model, device=device)
+        model, vision = llava.language_model, (llava, pre)
+    else:
+        model = Transformer.from_pretrained(args.model, device=device)
+        tok = Tokenizer.from_pretrained(args.model)
+    is_vqa = hasattr(task, "wrong_reward")
+    if is_vqa != (vision is not None):
+        raise ValueError(f"task {args.task} needs a {'LLaVA' if is_vqa else 'text'} checkpoint; {args.model} is "
+                         f"{'a LLaVA' if vision else 'a text model'}")
+    if args.wrong_reward is not None:
+        task.wrong_reward = args.wrong_reward
     cache = svd_cache.load(model, targets=args.targets, layers=args.layers)
     svf.attach(model, cache)
     train = task.load("train")[:args.train_limit]
@@ -219,12 +255,13 @@ def main(args):
 
     hparams = {k: getattr(args, k) for k in ("task", "targets", "layers", "steps", "batch_size", "lr", "optimizer",
                                              "weight_decay", "clip", "kl_coef", "kl_direction", "temperature",
-                                             "samples", "max_new_tokens", "seed")}
+                                             "samples", "max_new_tokens", "seed", "wrong_reward")}
     st = {"step": 0, "metrics": [], "best": -1.0, "since_best": 0}
     ckpt = out / "state.pt"
     if args.resume and ckpt.exists():
         st = torch.load(ckpt, weights_only=False)
-        if st["hparams"] != hparams:
+        # settings added after a checkpoint was written compare equal when left at their default (None)
+        if st["hparams"] != {k: v for k, v in hparams.items() if k in st["hparams"] or v is not None}:
             raise ValueError(f"{ckpt}: was written with other settings {st['hparams']}, not {hparams}")
         with torch.no_grad():
             for n, t in theta.items():
@@ -246,7 +283,7 @@ def main(args):
             (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in st["metrics"]))
 
     def validate(step):
-        k, n = evaluate(model, tok, task, valid, theta, cache, args)
+        k, n = evaluate(model, tok, task, valid, theta, cache, args, vision)
         acc = k / max(n, 1)
         lo, hi = wilson(k, n)
         if acc > st["best"]:
@@ -271,26 +308,28 @@ def main(args):
         t0 = time.time()
         idx = batch_indices(step, len(train), args.batch_size // args.samples, args.seed)
         items = [train[i] for i in idx for _ in range(args.samples)][rank::ws]
-        prompts = [render_prompt(tok, task, it) for it in items]
-        comp_ids, correct = rollout(model, tok, task, items, prompts, theta, cache, args, seed=args.seed * 7919 + step * 1009 + rank)
+        prompts = build_prompts(tok, task, items, vision)
+        comp_ids, correct = rollout(model, tok, task, items, prompts, theta, cache, args,
+                                    seed=args.seed * 7919 + step * 1009 + rank, vision=vision)
         rewards = [task.reward(c) for c in correct]
-        prompt_ids = [tok.encode(p) for p in prompts]
+        prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
         B = len(idx) * args.samples
         opt.zero_grad(set_to_none=True)
         pg = kl = 0.0
         for s in range(0, len(items), args.micro_batch):
             sl = slice(s, s + args.micro_batch)
-            a, b = loss_on(model, theta, prompt_ids[sl], comp_ids[sl], rewards[sl], B, args)
+            a, b = loss_on(model, theta, prompt_ids[sl], comp_ids[sl], rewards[sl], B, args,
+                           embed=embedder(items[sl], vision))
             pg, kl = pg + a, kl + b
         svf.set_z(model, None)
         for t in params:  # sum the θ gradients of all ranks (each already divided by the global B)
             all_sum(t.grad)
-        stats = all_sum(torch.tensor([sum(correct), len(correct), pg, kl], dtype=torch.float64))
+        stats = all_sum(torch.tensor([sum(correct), len(correct), pg, kl, sum(rewards)], dtype=torch.float64))
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
         opt.step()
         sched.step()
         st["step"] = step + 1
-        m = {"step": step + 1, "train_acc": float(stats[0] / stats[1]), "reward": float(2 * stats[0] / stats[1] - 1),
+        m = {"step": step + 1, "train_acc": float(stats[0] / stats[1]), "reward": float(stats[4] / stats[1]),
              "pg_loss": float(stats[2]), "kl": float(stats[3]), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
              "gen_tokens": sum(len(c) for c in comp_ids), "seconds": time.time() - t0}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

@@ -18,7 +18,8 @@ Loads the llava-hf safetensors layout (`language_model.model.*`, `vision_tower.v
 LLaVA / CLIP / image-processor classes; tests/test_vlm.py compares against them.
 
     python vlm.py --model DIR --image photo.jpg "What is in the picture?"
-    python vlm.py --model DIR --task easy_vqa --limit 100      # VQA accuracy (evals/vqa.py)
+    python -m evals --task easy_vqa --model DIR --limit 100    # VQA accuracy (evals/vqa.py)
+    python reinforce.py --task easy_vqa --model DIR --out runs/vqa --wrong-reward -0.1
 """
 import argparse
 import contextlib
@@ -33,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelConfig, Tokenizer, Transformer, generate, left_pad, load_safetensors, resolve_checkpoint
+from model import ModelConfig, Tokenizer, Transformer, generate, load_safetensors, resolve_checkpoint
 
 # transformers' defaults for fields a llava-hf config.json may leave out (its text_config is
 # often partial: llava-1.5-7b-hf stores 8 keys and relies on LlamaConfig's defaults).
@@ -404,6 +405,22 @@ class Preprocessor:
         return {"pixels": torch.stack([self._square(t) for t in [base] + tiles]), "size": (H, W)}
 
 
+def is_vlm(path_or_repo_id) -> bool:
+    """Whether a checkpoint folder holds a LLaVA (vlm.py) rather than a text model (model.py)."""
+    try:
+        config = resolve_checkpoint(path_or_repo_id) / "config.json"
+        return json.loads(config.read_text()).get("model_type") in ("llava", "llava_next")
+    except (OSError, ValueError, RuntimeError):
+        return False
+
+
+def load(path_or_repo_id, device="cpu"):
+    """(LLaVA, Tokenizer, Preprocessor) of a checkpoint folder."""
+    model = LLaVA.from_pretrained(path_or_repo_id, device=device)
+    pre = Preprocessor.from_pretrained(resolve_checkpoint(path_or_repo_id), model.config.grid_pinpoints)
+    return model, Tokenizer.from_pretrained(path_or_repo_id), pre
+
+
 def expand_image_tokens(ids, image_token_id, counts):
     """One image token per image -> `counts[i]` copies for image i (in order of appearance)."""
     out, k = [], 0
@@ -454,9 +471,7 @@ def vlm_generate(vlm, tokenizer, prompts, images, preprocess, **kw):
         ids, processed = prepare(vlm, tokenizer, p, ims, preprocess)
         seqs.append(ids)
         flat += processed
-    device = next(vlm.parameters()).device
-    ids, _ = left_pad(seqs, tokenizer.pad_id, device)
-    return generate(vlm.language_model, tokenizer, seqs, embeds=vlm.embed(ids, flat), **kw)
+    return generate(vlm.language_model, tokenizer, seqs, embed=lambda ids: vlm.embed(ids, flat), **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -464,31 +479,21 @@ def vlm_generate(vlm, tokenizer, prompts, images, preprocess, **kw):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt", nargs="?", help="question about --image")
+    p.add_argument("prompt", help="question about the --image(s)")
     p.add_argument("--model", required=True, help="llava-hf layout folder (config.json, *.safetensors, tokenizer, preprocessor_config.json)")
-    p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
-    p.add_argument("--task", help="evaluate on a VQA task instead (easy_vqa, textvqa, okvqa)")
-    p.add_argument("--limit", type=int, default=None, help="first N items of the task")
+    p.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     p.add_argument("--expert", help="SVF expert (.safetensors) applied to the language model")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    vlm = LLaVA.from_pretrained(args.model)
-    tok = Tokenizer.from_pretrained(args.model)
-    pre = Preprocessor.from_pretrained(resolve_checkpoint(args.model), vlm.config.grid_pinpoints)
-    if not args.task and (not args.prompt or not args.image):
-        p.error("give a prompt and at least one --image (or --task)")
+    vlm, tok, pre = load(args.model)
     ctx = contextlib.nullcontext()
     if args.expert:
         import svf  # the expert adapts the language model's matrices, merged once
         ctx = svf.merged(vlm.language_model, args.expert)
     with ctx:
-        if args.task:
-            from evals import vqa
-            print(vqa.evaluate(vlm, tok, pre, args.task, limit=args.limit, max_new_tokens=args.max_new_tokens))
-            return
         prompt = args.prompt if "<image>" in args.prompt else "<image>\n" * len(args.image) + args.prompt
         t0 = time.time()
         _, texts = vlm_generate(vlm, tok, [vqa_prompt(tok, prompt)], [args.image], pre, max_new_tokens=args.max_new_tokens)

@@ -17,10 +17,11 @@ from evals.gsm8k import gsm8k
 from evals.humaneval import humaneval
 from evals.math import math_task
 from evals.mbpp import mbpp
+from evals.vqa import easy_vqa, okvqa, textvqa
 
 TASKS: dict[str, Task] = {"gsm8k": gsm8k, "math": math_task, "mbpp": mbpp, "humaneval": humaneval,
                           "arc_easy": arc_easy, "arc_challenge": arc_challenge,
-                          "cls": cls_task}
+                          "cls": cls_task, "easy_vqa": easy_vqa, "textvqa": textvqa, "okvqa": okvqa}
 
 
 def get_task(name: str) -> Task:

@@ -59,8 +59,16 @@ def generate_all(args, task, items):
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = Transformer.from_pretrained(args.model)
-    tok = Tokenizer.from_pretrained(args.model)
+    import vlm
+    vision = None
+    if vlm.is_vlm(args.model):  # LLaVA: the expert adapts its language model; prompts carry images
+        vision, tok, pre = vlm.load(args.model)
+        model = vision.language_model
+    else:
+        model = Transformer.from_pretrained(args.model)
+        tok = Tokenizer.from_pretrained(args.model)
+    if hasattr(task, "wrong_reward") != (vision is not None):
+        sys.exit(f"task {task.name} needs a {'LLaVA' if vision is None else 'text'} checkpoint; {args.model} is not one")
     ctx = contextlib.nullcontext()
     if args.expert:
         import svf  # only needed with an expert
@@ -70,8 +78,12 @@ def generate_all(args, task, items):
     max_new = args.max_new_tokens or task.max_new_tokens
     with ctx, torch.no_grad():
         for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"{task.name} generate", unit="batch"):
-            _, texts = generate(model, tok, prompts[i:i + args.batch_size], max_new_tokens=max_new,
-                                temperature=args.temperature, seed=args.seed + i, stop=task.stop or None)
+            kw = dict(max_new_tokens=max_new, temperature=args.temperature, seed=args.seed + i, stop=task.stop or None)
+            if vision is not None:
+                chunk = items[i:i + args.batch_size]
+                _, texts = vlm.vlm_generate(vision, tok, prompts[i:i + args.batch_size], [[it["image"]] for it in chunk], pre, **kw)
+            else:
+                _, texts = generate(model, tok, prompts[i:i + args.batch_size], **kw)
             completions += texts
     return prompts, completions
 
@@ -87,7 +99,8 @@ def evaluate(args, task):
     if args.out:
         write_jsonl(args.out, rows)
     k, n = sum(correct), len(correct)
-    print(f"{task.name} {args.split} | {fmt_acc(k, n)} | {t_gen:.0f} s generation"
+    soft = f" | VQA accuracy {100 * sum(task.score(items, completions)) / max(n, 1):.1f}" if hasattr(task, "score") else ""
+    print(f"{task.name} {args.split} | {fmt_acc(k, n)}{soft} | {t_gen:.0f} s generation"
           + (f" | expert {args.expert}" if args.expert else ""))
     return rows
 
