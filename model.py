@@ -53,12 +53,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path):
-        path = Path(path)
-        try:
-            c = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read config ({e})") from None
-        return cls.from_dict(c, path)
+        return cls.from_dict(read_json(path), path)
 
     @classmethod
     def from_dict(cls, c, path="config"):
@@ -279,15 +274,7 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             expected.pop("lm_head.weight")
             state.pop("lm_head.weight", None)  # some tied checkpoints store it anyway
-        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-        if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint keys do not match {cfg.model_type} "
-                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-        for k, p in expected.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, config says {tuple(p.shape)}")
-        state = {k: v.to(dtype) for k, v in state.items()}
-        model.load_state_dict(state, strict=False, assign=True)
+        load_checked(model, expected, state, path, cfg.model_type, dtype)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         model.inv_freq = rope_inv_freq(cfg)  # buffers built on "meta" must be rebuilt
@@ -310,6 +297,26 @@ def resolve_checkpoint(path_or_repo_id) -> Path:
     except Exception as e:
         raise RuntimeError(f"{path_or_repo_id}: not a local folder and the hub is unreachable ({type(e).__name__}); "
                            f"download it elsewhere and pass the folder, or run `make model` for the shipped one") from None
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config ({e})") from None
+
+
+def load_checked(model, expected, state, path, what, dtype):
+    """Assign `state` to a meta-device `model` after checking it against `expected` (name ->
+    parameter) key by key and shape by shape; any mismatch is one error naming it."""
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint keys do not match {what} "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    for k, p in expected.items():
+        if tuple(state[k].shape) != tuple(p.shape):
+            raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, config says {tuple(p.shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
 
 
 def load_safetensors(path: Path) -> dict:

@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import ModelConfig, Tokenizer, Transformer, generate, load_safetensors, resolve_checkpoint
+from model import (ModelConfig, Tokenizer, Transformer, generate, load_checked, load_safetensors, read_json,
+                   resolve_checkpoint)
 
 # transformers' defaults for fields a llava-hf config.json may leave out (its text_config is
 # often partial: llava-1.5-7b-hf stores 8 keys and relies on LlamaConfig's defaults).
@@ -81,11 +82,7 @@ class VLMConfig:
 
     @classmethod
     def from_json(cls, path):
-        path = Path(path)
-        try:
-            c = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: cannot read config ({e})") from None
+        c = read_json(path)
         mt = c.get("model_type")
         if mt not in ("llava", "llava_next"):
             raise ValueError(f"{path}: unsupported model_type {mt!r} (vlm.py reads llava, llava_next)")
@@ -272,15 +269,7 @@ class LLaVA(nn.Module):
         lm = Transformer.from_state(cfg.text, lm_state, path, dtype)
         with torch.device("meta"):
             model = cls(cfg, nn.Module())
-        expected = {k: p for k, p in model.state_dict().items()}
-        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-        if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint keys do not match {cfg.model_type} "
-                             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
-        for k, p in expected.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(state[k].shape)}, config says {tuple(p.shape)}")
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        load_checked(model, dict(model.state_dict()), state, path, cfg.model_type, dtype)
         model.language_model = lm
         model.name_or_path = str(path_or_repo_id)
         return model.to(device).eval().requires_grad_(False)
