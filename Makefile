@@ -39,8 +39,19 @@ bench: model
 bench-train: model
 	$(PY) tools/bench_train.py --model $(CKPT) $(ARGS)
 
-train: model
-	$(PY) reinforce.py --task $(TASK) --model $(CKPT) --out runs/$(TASK)-$(MODEL) $(ARGS)
+# make train: per task, the shipped model that has reward signal on it, and the CPU recipe whose
+# result the README reports (MODEL=... and ARGS="--steps 50 ..." override; later flags win).
+TRAIN_MODEL_gsm8k := qwen2.5-coder-0.5b
+TRAIN_MODEL_mbpp  := qwen2.5-coder-0.5b
+TM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(or $(TRAIN_MODEL_$(TASK)),smollm2-135m))
+CPU_RECIPE   := --batch-size 16 --micro-batch 4 --rollout-batch 16 --optimizer adam --lr 5e-3 --kl-coef 0 \
+                --eval-every 5 --valid-limit 40 --steps 10
+RECIPE_gsm8k := $(CPU_RECIPE) --max-new-tokens 320
+RECIPE_mbpp  := $(CPU_RECIPE) --max-new-tokens 384
+
+train: setup
+	$(MAKE) --no-print-directory model MODEL=$(TM)
+	$(PY) reinforce.py --task $(TASK) --model $(CKPT_$(TM)) --out runs/$(TASK)-$(TM) $(RECIPE_$(TASK)) $(ARGS)
 
 cem: model
 	$(PY) cem.py --task $(TASK) --model $(CKPT) $(ARGS)

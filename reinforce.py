@@ -16,10 +16,14 @@ After every update the run directory holds an atomic checkpoint (state.pt): kill
 moment and `--resume` redoes the unfinished update exactly (batches and sampling seeds are
 functions of (seed, step)), reaching the same result as an uninterrupted run.
 
-    make train TASK=gsm8k                       # the shipped model, defaults below
+A LLaVA checkpoint (vlm.py) trains the same way on the VQA tasks: SVF adapts its language model,
+the image reaches rollouts and the policy gradient through the prompt embeddings.
+
+    make train TASK=gsm8k       # Qwen2.5-Coder-0.5B with the CPU recipe of the README (Makefile)
     python reinforce.py --task gsm8k --model checkpoints/qwen2.5-coder-0.5b-instruct --out runs/math \\
         --batch-size 32 --steps 20 --valid-limit 100 --max-new-tokens 320
     torchrun --nproc_per_node=2 reinforce.py ...   # rollouts sharded over ranks, θ grads all-reduced
+    python reinforce.py --task easy_vqa --model LLAVA_DIR --out runs/vqa --layers half --wrong-reward -0.1
 """
 import argparse
 import json

@@ -108,3 +108,29 @@ def test_evals_runner_scores_a_vlm_on_easy_vqa(tiny_llava, tmp_path, capsys):
     assert "easy_vqa test" in out and "(n=4)" in out and "VQA accuracy" in out
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(isinstance(r["correct"], bool) for r in rows)
+
+
+def test_textvqa_and_okvqa_loaders_read_the_official_formats(tmp_path):
+    """Field layout of TextVQA_0.5.1_val.json and OK-VQA's questions/annotations files; the
+    images must be in place (they are not available offline), else one clear error."""
+    from evals.vqa import okvqa, textvqa
+    tv = tmp_path / "textvqa"
+    (tv / "train_images").mkdir(parents=True)
+    rows = [{"question_id": 7, "question": "what brand is it?", "image_id": "abc", "answers": ["nokia"] * 10}]
+    (tv / "TextVQA_0.5.1_val.json").write_text(json.dumps({"dataset_name": "textvqa", "data": rows}))
+    with pytest.raises(FileNotFoundError, match="textvqa: images not found"):
+        textvqa.load("test", data_dir=tmp_path)
+    (tv / "train_images" / "abc.jpg").write_bytes(b"")
+    [it] = textvqa.load("test", data_dir=tmp_path)
+    assert it["answers"] == ["nokia"] * 10 and it["image"].endswith("train_images/abc.jpg")
+    ok = tmp_path / "okvqa"
+    with pytest.raises(FileNotFoundError, match="okvqa: put"):
+        okvqa.load("test", data_dir=tmp_path)
+    (ok / "val2014").mkdir(parents=True)
+    (ok / "OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps(
+        {"questions": [{"question_id": 5, "question": "what sport?", "image_id": 42}]}))
+    (ok / "mscoco_val2014_annotations.json").write_text(json.dumps(
+        {"annotations": [{"question_id": 5, "answers": [{"answer": "tennis"}] * 10}]}))
+    (ok / "val2014" / "COCO_val2014_000000000042.jpg").write_bytes(b"")
+    [it] = okvqa.load("test", data_dir=tmp_path)
+    assert it["answers"] == ["tennis"] * 10 and okvqa.check([it], ["Tennis."]) == [True]
