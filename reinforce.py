@@ -26,6 +26,7 @@ the image reaches rollouts and the policy gradient through the prompt embeddings
     python reinforce.py --task easy_vqa --model LLAVA_DIR --out runs/vqa --layers half --wrong-reward -0.1
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -64,7 +65,7 @@ def get_args(argv=None):
     g.add_argument("--clip", type=float, default=1e-3, help="max gradient norm")
     g.add_argument("--kl-coef", type=float, default=0.1, help="λ; the paper sweeps {0, 0.1, 0.2, 0.3}, the official code uses 0")
     g.add_argument("--wrong-reward", type=float, default=None,
-                   help="reward of a wrong answer (default -1; the paper's VLM runs: -0.1; VQA tasks only)")
+                   help="reward of a wrong answer (default -1; the paper's VLM runs: -0.1)")
     g.add_argument("--kl-direction", default="paper", choices=["paper", "official"], help="KL(π′‖π) or KL(π‖π′)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (official code)")
@@ -238,12 +239,11 @@ def main(args):
     else:
         model = Transformer.from_pretrained(args.model, device=device)
         tok = Tokenizer.from_pretrained(args.model)
-    is_vqa = hasattr(task, "wrong_reward")
-    if is_vqa != (vision is not None):
-        raise ValueError(f"task {args.task} needs a {'LLaVA' if is_vqa else 'text'} checkpoint; {args.model} is "
+    if task.images != (vision is not None):
+        raise ValueError(f"task {args.task} needs a {'LLaVA' if task.images else 'text'} checkpoint; {args.model} is "
                          f"{'a LLaVA' if vision else 'a text model'}")
     if args.wrong_reward is not None:
-        task.wrong_reward = args.wrong_reward
+        task = dataclasses.replace(task, wrong_reward=args.wrong_reward)
     cache = svd_cache.load(model, targets=args.targets, layers=args.layers)
     svf.attach(model, cache)
     train = task.load("train")[:args.train_limit]

@@ -67,7 +67,7 @@ def generate_all(args, task, items):
     else:
         model = Transformer.from_pretrained(args.model)
         tok = Tokenizer.from_pretrained(args.model)
-    if hasattr(task, "wrong_reward") != (vision is not None):
+    if task.images != (vision is not None):
         sys.exit(f"task {task.name} needs a {'LLaVA' if vision is None else 'text'} checkpoint; {args.model} is not one")
     ctx = contextlib.nullcontext()
     if args.expert:
@@ -99,7 +99,7 @@ def evaluate(args, task):
     if args.out:
         write_jsonl(args.out, rows)
     k, n = sum(correct), len(correct)
-    soft = f" | VQA accuracy {100 * sum(task.score(items, completions)) / max(n, 1):.1f}" if hasattr(task, "score") else ""
+    soft = f" | VQA accuracy {100 * sum(task.score(items, completions)) / max(n, 1):.1f}" if task.images else ""
     print(f"{task.name} {args.split} | {fmt_acc(k, n)}{soft} | {t_gen:.0f} s generation"
           + (f" | expert {args.expert}" if args.expert else ""))
     return rows

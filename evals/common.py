@@ -114,6 +114,8 @@ class Task:
     max_new_tokens: int = 512
     official: bool = False  # reproduce the official code's quirks (see each task's docstring)
     note: str = ""          # which documented substitute the offline splits use, printed by runners
+    images: bool = False    # items carry an image (VQA): prompts need a LLaVA checkpoint (vlm.py)
+    wrong_reward: float = -1.0  # reward of a wrong answer (the paper's VLM runs: -0.1)
 
     def load(self, split: str, data_dir=None) -> list[dict]:
         raise NotImplementedError
@@ -134,10 +136,9 @@ class Task:
             out.append(answer is not None and self.is_equal(answer, item["gold"]))
         return out
 
-    @staticmethod
-    def reward(correct: bool) -> float:
-        """The REINFORCE reward of SPEC §3: +1 for a correct answer, -1 otherwise."""
-        return 1.0 if correct else -1.0
+    def reward(self, correct: bool) -> float:
+        """The REINFORCE reward of SPEC §3: +1 for a correct answer, `wrong_reward` (-1) otherwise."""
+        return 1.0 if correct else self.wrong_reward
 
     def _check_split(self, split):
         if split not in self.splits:

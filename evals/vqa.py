@@ -105,8 +105,6 @@ def _require_images(items, name, folder):
 
 
 class VQA(Task):
-    wrong_reward: float = -1.0
-
     def load(self, split, data_dir=None):
         self._check_split(split)
         if self.name == "easy_vqa":
@@ -127,12 +125,8 @@ class VQA(Task):
     def check(self, items, completions):
         return [s >= 1.0 for s in self.score(items, completions)]
 
-    def reward(self, correct):
-        return 1.0 if correct else self.wrong_reward
 
-
-easy_vqa = VQA("easy_vqa", splits=("train", "valid", "test"), max_new_tokens=10, stop=["\n"])
-textvqa = VQA("textvqa", splits=("train", "valid", "test"), max_new_tokens=16, stop=["\n"])
-okvqa = VQA("okvqa", splits=("test",), max_new_tokens=16, stop=["\n"])
-VQA_TASKS = {"easy_vqa": easy_vqa, "textvqa": textvqa, "okvqa": okvqa}
+easy_vqa = VQA("easy_vqa", splits=("train", "valid", "test"), max_new_tokens=10, stop=["\n"], images=True)
+textvqa = VQA("textvqa", splits=("train", "valid", "test"), max_new_tokens=16, stop=["\n"], images=True)
+okvqa = VQA("okvqa", splits=("test",), max_new_tokens=16, stop=["\n"], images=True)
 

@@ -29,7 +29,7 @@ def test_vqa_score_hand_computed():
     assert vqa_score("2", answers) == pytest.approx(0.9)
     assert vqa_score("three", answers) == pytest.approx(1.0)
     assert vqa_score("four", answers) == 0.0
-    assert vqa_score("One", ["one"] + ["1"] * 0) == 1.0   # single reference: exact match after normalising
+    assert vqa_score("One", ["one"]) == 1.0   # single reference: exact match after normalising
     assert vqa_score("circle", ["rectangle"]) == 0.0
 
 
@@ -46,11 +46,8 @@ def test_easy_vqa_splits_are_real_and_disjoint():
 def test_wrong_reward_option():
     task = get_task("easy_vqa")
     assert (task.reward(True), task.reward(False)) == (1.0, -1.0)
-    task.wrong_reward = -0.1
-    try:
-        assert task.reward(False) == -0.1
-    finally:
-        task.wrong_reward = -1.0
+    from dataclasses import replace
+    assert replace(task, wrong_reward=-0.1).reward(False) == -0.1
 
 
 @pytest.fixture(scope="module")
