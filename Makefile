@@ -50,7 +50,7 @@ CPU_RECIPE   := --batch-size 16 --micro-batch 4 --rollout-batch 16 --optimizer a
                 --eval-every 5 --valid-limit 40 --steps 10
 RECIPE_gsm8k := $(CPU_RECIPE) --max-new-tokens 320
 RECIPE_mbpp  := $(CPU_RECIPE) --max-new-tokens 384 --steps 8 --eval-every 4
-RECIPE_arc_easy := $(CPU_RECIPE) --max-new-tokens 384 --steps 5 --valid-limit 30
+RECIPE_arc_easy := $(CPU_RECIPE) --max-new-tokens 384 --steps 4 --eval-every 4 --valid-limit 30
 # cls: rollouts are a label of 1-2 tokens, so 4 sampled labels per question are cheap exploration
 RECIPE_cls   := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --rollout-batch 16 --optimizer adam \
                 --lr 1e-2 --kl-coef 0 --max-new-tokens 8 --steps 10 --eval-every 5 --valid-limit 60
