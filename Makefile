@@ -41,15 +41,11 @@ bench-train: model
 
 # make train: per task, the shipped model that has reward signal on it, and the CPU recipe whose
 # result the README reports (MODEL=... and ARGS="--steps 50 ..." override; later flags win).
-TRAIN_MODEL_gsm8k := qwen2.5-coder-0.5b
-TRAIN_MODEL_mbpp  := qwen2.5-coder-0.5b
-TRAIN_MODEL_arc_easy := qwen2.5-coder-0.5b
-TRAIN_MODEL_cls   := qwen2.5-coder-0.5b
-TM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(or $(TRAIN_MODEL_$(TASK)),smollm2-135m))
-CPU_RECIPE   := --batch-size 16 --micro-batch 4 --rollout-batch 16 --optimizer adam --lr 5e-3 --kl-coef 0 \
-                --eval-every 5 --valid-limit 40 --steps 10
-RECIPE_gsm8k := $(CPU_RECIPE) --max-new-tokens 320
-RECIPE_mbpp  := $(CPU_RECIPE) --max-new-tokens 384 --steps 8 --eval-every 4
+QWEN_TASKS := gsm8k mbpp arc_easy cls
+TM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(if $(filter $(TASK),$(QWEN_TASKS)),qwen2.5-coder-0.5b,smollm2-135m))
+CPU_RECIPE   := --batch-size 16 --micro-batch 4 --rollout-batch 16 --optimizer adam --lr 5e-3 --kl-coef 0
+RECIPE_gsm8k := $(CPU_RECIPE) --max-new-tokens 320 --steps 10 --eval-every 5 --valid-limit 40
+RECIPE_mbpp  := $(CPU_RECIPE) --max-new-tokens 384 --steps 8 --eval-every 4 --valid-limit 40
 RECIPE_arc_easy := $(CPU_RECIPE) --max-new-tokens 384 --steps 4 --eval-every 4 --valid-limit 30
 # cls: rollouts are a label of 1-2 tokens, so 4 sampled labels per question are cheap exploration
 RECIPE_cls   := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --rollout-batch 16 --optimizer adam \
