@@ -41,12 +41,23 @@ bench-train: model
 
 # make train: per task, the shipped model that has reward signal on it, and the CPU recipe whose
 # result the README reports (MODEL=... and ARGS="--steps 50 ..." override; later flags win).
-QWEN_TASKS := gsm8k mbpp arc_easy cls
-TM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(if $(filter $(TASK),$(QWEN_TASKS)),qwen2.5-coder-0.5b,smollm2-135m))
-CPU_RECIPE   := --batch-size 16 --micro-batch 4 --rollout-batch 16 --optimizer adam --lr 5e-3 --kl-coef 0
-RECIPE_gsm8k := $(CPU_RECIPE) --max-new-tokens 320 --steps 10 --eval-every 5 --valid-limit 40
-RECIPE_mbpp  := $(CPU_RECIPE) --max-new-tokens 384 --steps 8 --eval-every 4 --valid-limit 40
-RECIPE_arc_easy := $(CPU_RECIPE) --max-new-tokens 384 --steps 4 --eval-every 4 --valid-limit 30
+# The three experts and the classification expert share one base model, as cem/dispatch need.
+QWEN_TASKS := gsm8k mbpp arc_easy arc_easy_direct cls
+EXPERT_MODEL := qwen2.5-coder-0.5b
+TM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(if $(filter $(TASK),$(QWEN_TASKS)),$(EXPERT_MODEL),smollm2-135m))
+# sampled rollouts: 4 answers per question, and a leave-one-out baseline, so each update learns from
+# the contrast between right and wrong answers to the same question (README: why)
+SAMPLED := --samples 4 --baseline loo --optimizer adam --lr 1e-2 --kl-coef 0
+RECIPE_gsm8k := $(SAMPLED) --temperature 0.7 --batch-size 16 --micro-batch 4 --rollout-batch 16 \
+                --max-new-tokens 320 --steps 10 --eval-every 5 --valid-limit 60
+RECIPE_mbpp  := $(SAMPLED) --temperature 0.7 --batch-size 16 --micro-batch 4 --rollout-batch 16 \
+                --max-new-tokens 384 --steps 8 --eval-every 4 --valid-limit 40
+# ARC-Easy, letter only (evals/arc.py): one generated token per answer
+RECIPE_arc_easy_direct := $(SAMPLED) --temperature 1.0 --batch-size 32 --micro-batch 8 --rollout-batch 32 \
+                --steps 15 --eval-every 5
+# ARC-Easy step by step, the first greedy recipe (README: stopped after 3 of 4 updates)
+RECIPE_arc_easy := --batch-size 16 --micro-batch 4 --rollout-batch 16 --optimizer adam --lr 5e-3 --kl-coef 0 \
+                --max-new-tokens 384 --steps 4 --eval-every 4 --valid-limit 30
 # cls: rollouts are a label of 1-2 tokens, so 4 sampled labels per question are cheap exploration
 RECIPE_cls   := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --rollout-batch 16 --optimizer adam \
                 --lr 1e-2 --kl-coef 0 --max-new-tokens 8 --steps 10 --eval-every 5 --valid-limit 60
@@ -55,11 +66,16 @@ train: setup
 	$(MAKE) --no-print-directory model MODEL=$(TM)
 	$(PY) reinforce.py --task $(TASK) --model $(CKPT_$(TM)) --out runs/$(TASK)-$(TM) $(RECIPE_$(TASK)) $(ARGS)
 
-cem: model
-	$(PY) cem.py --task $(TASK) --model $(CKPT) $(ARGS)
+# cem / dispatch: the model the experts were trained on (MODEL=... overrides), experts from runs/
+XM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(EXPERT_MODEL))
 
-dispatch: model
-	$(PY) dispatch.py --model $(CKPT) $(ARGS)
+cem: setup
+	$(MAKE) --no-print-directory model MODEL=$(XM)
+	$(PY) cem.py --task $(TASK) --model $(CKPT_$(XM)) $(ARGS)
+
+dispatch: setup
+	$(MAKE) --no-print-directory model MODEL=$(XM)
+	$(PY) dispatch.py --model $(CKPT_$(XM)) $(ARGS)
 
 clean-venv:
 	rm -rf .venv

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import svd_cache
 import svf
 from evals import TASKS, get_task
-from evals.common import fmt_acc, mcnemar, render_prompt
+from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
 from model import Tokenizer, Transformer, generate, score
 
 
@@ -42,10 +42,13 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to adapt")
     g.add_argument("--task", required=True, help=f"target task: {', '.join(TASKS)}")
-    g.add_argument("--experts", nargs="+", required=True, help="expert files (reinforce.py best.safetensors)")
+    g.add_argument("--experts", nargs="+", default=None,
+                   help="expert files (reinforce.py best.safetensors; default: the math, code and reasoning "
+                        "experts `make train` wrote under runs/)")
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
-    g.add_argument("--split", default="test", help="items: the first --shots adapt, the rest report")
-    g.add_argument("--limit", type=int, default=None, help="use only N items in all (shots included; CPU budget)")
+    g.add_argument("--split", default="test", help="--shots items drawn at random (seeded) adapt, the rest report")
+    g.add_argument("--limit", type=int, default=None,
+                   help="report on the first N items of the split, in file order, shots left out (CPU budget)")
     g.add_argument("--out", default=None, help="output directory (default runs/cem-TASK)")
     g = p.add_argument_group("CEM (defaults: paper / official code)")
     g.add_argument("--shots", type=int, default=10, help="held-out examples that define fitness")
@@ -194,17 +197,28 @@ def main(args):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, _ = world()
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
+    if not args.experts:  # the three experts of `make train`, before minutes of model loading
+        found = {c: svf.find_expert(p) for c, p in svf.EXPERT_RUNS.items()}
+        if None in found.values():
+            raise SystemExit(f"cem: no {[c for c, f in found.items() if f is None]} expert under runs/ "
+                             f"({', '.join(svf.EXPERT_RUNS.values())}); train them or pass --experts FILE ...")
     model = Transformer.from_pretrained(args.model)
     tok = Tokenizer.from_pretrained(args.model)
+    if not args.experts:  # now the ones trained on this base model, if runs/ holds several models'
+        fp = svd_cache.model_fingerprint(model)
+        args.experts = [svf.find_expert(p, fp) for p in svf.EXPERT_RUNS.values()]
     experts = [svf.Expert.load(p) for p in args.experts]
     cache = svd_cache.load(model, names=list(experts[0].theta))
     for e in experts:
         e.check(model, cache)
     svf.attach(model, cache)
     items = task.load(args.split)
+    # shots: a seeded random draw from the whole split; report: the split in file order without them,
+    # so `--limit N` reports on the same first-N items as `python -m evals` / dispatch.py (pairable)
     perm = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed)).tolist()
-    items = [items[i] for i in perm][:args.limit]
-    shots, rest = items[:args.shots], items[args.shots:]
+    shots = [items[i] for i in perm[:args.shots]]
+    shot_ids = {json.dumps(it["id"]) for it in shots}
+    rest = [it for it in items if json.dumps(it["id"]) not in shot_ids][:args.limit]
     K, M = len(experts), len(experts[0].theta)
     shape = (K, M) if args.per_layer else (K,)
     names = [Path(p).parent.name or Path(p).stem for p in args.experts]
@@ -229,12 +243,15 @@ def main(args):
     svf.Expert(zs, meta).save(out / "adapted.safetensors")
     (out / "alpha.json").write_text(json.dumps({"experts": args.experts, "alpha": alpha.tolist(), "mode": args.mode,
                                                 "per_layer": args.per_layer, "normalize": args.normalize,
-                                                "history": history}, indent=1))
+                                                "task": args.task, "split": args.split,
+                                                "shots": [it["id"] for it in shots], "history": history}, indent=1))
     plot_alpha(out / "alpha.png", alpha, names)
     # report on the items CEM never saw: adapted vs base vs uniform α
     uniform = svf.mix(experts, torch.full(shape, 1.0 / K), args.mode)
     res = {name: answer_all(model, tok, task, rest, zs_, args)
            for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]}
+    for name, r in res.items():  # per item, for paired tests against other runs (python -m evals --compare)
+        write_jsonl(out / f"{name}.jsonl", [{"id": it["id"], "correct": ok} for it, ok in zip(rest, r)])
     summary = {name: {"correct": sum(r), "n": len(r), "acc": fmt_acc(sum(r), len(r))} for name, r in res.items()}
     summary["p_vs_base"] = mcnemar(res["cem"], res["base"])
     summary["p_vs_uniform"] = mcnemar(res["cem"], res["uniform"])

@@ -16,10 +16,9 @@ A whole task: accuracy (95% CI), dispatch confusion matrix (rows true, columns p
 pass-1 / pass-2 seconds (paper Table 3) and, with --compare-base, a McNemar test vs the base:
     python dispatch.py --task humaneval --strategy prompt --limit 20 --out runs/dispatch-humaneval
     python dispatch.py --task math --strategy prompt --classify-only --limit 30   # pass 1 only
-Experts default to runs/{gsm8k,mbpp,arc_easy}-*/best.safetensors (made by `make train TASK=...`).
+Experts default to runs/{gsm8k,mbpp,arc_easy_direct}-*/best.safetensors (`make train TASK=...`; svf.EXPERT_RUNS).
 """
 import argparse
-import glob
 import json
 import os
 import time
@@ -27,7 +26,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import svd_cache
 import svf
@@ -37,16 +35,17 @@ from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
 from model import Tokenizer, Transformer, generate
 
 TRUE_CATEGORY = {"math": "math", "gsm8k": "math", "humaneval": "code", "mbpp": "code",
-                 "arc_easy": "reasoning", "arc_challenge": "reasoning"}
-DEFAULT_EXPERTS = {"math": "runs/gsm8k-*/best.safetensors", "code": "runs/mbpp-*/best.safetensors",
-                   "reasoning": "runs/arc_easy-*/best.safetensors"}
+                 "arc_easy": "reasoning", "arc_challenge": "reasoning",
+                 "arc_easy_direct": "reasoning", "arc_challenge_direct": "reasoning"}
+DEFAULT_EXPERTS = svf.EXPERT_RUNS
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to answer")
     g.add_argument("prompt", nargs="?", help="one question (else --task)")
-    g.add_argument("--task", help="a whole benchmark: math, gsm8k, humaneval, mbpp, arc_easy, arc_challenge")
+    g.add_argument("--task", help="a whole benchmark: math, gsm8k, humaneval, mbpp, arc_easy, arc_challenge "
+                                   "(or arc_*_direct: letter only)")
     g.add_argument("--split", default="test")
     g.add_argument("--limit", type=int, default=None, help="first N items")
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
@@ -70,16 +69,12 @@ def get_args(argv=None):
 # Experts: resolve files before the model is loaded, so a missing one costs nothing
 
 def find_expert(pattern, what, model_fp=None):
-    """A file, or the first glob match trained on this base model (runs/ may hold several models')."""
-    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-    paths = [p for p in paths if Path(p).is_file()]
-    if model_fp:
-        with_fp = [p for p in paths if safe_open(p, "pt").metadata().get("base_fingerprint") in (model_fp, "*")]
-        paths = with_fp or paths  # none matches: keep them, Expert.check names the mismatch
-    if not paths:
+    """svf.find_expert, or one line that says how to get the missing expert."""
+    path = svf.find_expert(pattern, model_fp)
+    if path is None:
         raise SystemExit(f"dispatch: {what} expert not found: {pattern} (train it with reinforce.py, "
                          f"or pass --experts math=FILE code=FILE reasoning=FILE / --cls-expert FILE)")
-    return paths[0]
+    return path
 
 
 def expert_files(args):
@@ -215,7 +210,13 @@ def main(args):
         return {"category": category, "expert": used, "answer": text, "pass1_s": t1 - t0, "pass2_s": t2 - t1}
 
     # ---- a whole task: classify everything (batched), then answer in routed batches
-    items = task.load(args.split)[:args.limit]
+    items = task.load(args.split)
+    if mixed:  # the shots CEM adapted on are never scored: the first --limit items without them (as cem.py)
+        spec = json.loads(Path(args.alpha).read_text())
+        shots = {json.dumps(i) for i in spec.get("shots", [])} if spec.get("task") == task.name else set()
+        items = [it for it in items if json.dumps(it["id"]) not in shots]
+        print(f"fewshot: α from {args.alpha}; its {len(shots)} shots are left out")
+    items = items[:args.limit]
     true = TRUE_CATEGORY.get(task.name, "other")
     t0 = time.perf_counter()
     if mixed:  # few-shot: α was searched offline by cem.py; pass 1 here is only the mixing

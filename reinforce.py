@@ -7,6 +7,8 @@ One update:
   3. reward each answer +1 / -1 with the task's checker (evals/);
   4. loss = -Σ_t log π′(y_t)·r / B  +  λ·KL, with KL over the vocabulary at the generated
      positions, KL(π′‖π) (paper) or KL(π‖π′) (official code, --kl-direction official);
+     --baseline loo (not in the paper) replaces r by r minus the mean reward of the prompt's
+     other --samples answers, so only prompts with right AND wrong answers push θ;
   5. backpropagate into θ only (svf.py's factored path: no m×n weight gradient), clip the
      gradient norm (1e-3), and step Adam (official, constant lr) or AdamW (paper, cosine decay).
 Every --eval-every updates the expert is scored greedily on the validation split; the best one
@@ -66,6 +68,9 @@ def get_args(argv=None):
     g.add_argument("--kl-coef", type=float, default=0.1, help="λ; the paper sweeps {0, 0.1, 0.2, 0.3}, the official code uses 0")
     g.add_argument("--wrong-reward", type=float, default=None,
                    help="reward of a wrong answer (default -1; the paper's VLM runs: -0.1)")
+    g.add_argument("--baseline", default=None, choices=["loo"],
+                   help="not in the paper: 'loo' subtracts from each reward the mean reward of the other "
+                        "--samples answers to the same prompt (needs --samples >= 2)")
     g.add_argument("--kl-direction", default="paper", choices=["paper", "official"], help="KL(π′‖π) or KL(π‖π′)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (official code)")
@@ -149,6 +154,18 @@ def rollout(model, tok, task, items, prompts, theta, cache, args, seed, vision=N
     return ids, correct
 
 
+def advantages(rewards, samples, baseline):
+    """The weight of each rollout in the policy gradient. The paper uses the reward itself (±1).
+    baseline "loo" (leave-one-out, as in RLOO): r_i − mean of the other answers to the same
+    prompt, so a prompt whose answers are all right or all wrong contributes nothing, and the
+    gradient is the contrast between better and worse answers to one question. `rewards` is the
+    global batch, prompt-major (the samples of prompt j at j*samples ... j*samples + samples-1)."""
+    r = torch.tensor(rewards, dtype=torch.float64).view(-1, samples)  # (prompts, samples)
+    if baseline == "loo":
+        r = r - (r.sum(1, keepdim=True) - r) / (samples - 1)
+    return r.flatten().tolist()
+
+
 def kl_per_token(logp, ref_logp, direction):
     """Σ_v over the vocabulary at each position; paper KL(π′‖π), official KL(π_ref‖π′)."""
     if direction == "paper":
@@ -227,6 +244,8 @@ def main(args):
     rank, ws = world()
     if args.batch_size % ws:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {ws} ranks")
+    if args.baseline and args.samples < 2:
+        raise ValueError("--baseline loo compares answers to the same prompt: it needs --samples 2 or more")
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -259,7 +278,7 @@ def main(args):
 
     hparams = {k: getattr(args, k) for k in ("task", "targets", "layers", "steps", "batch_size", "lr", "optimizer",
                                              "weight_decay", "clip", "kl_coef", "kl_direction", "temperature",
-                                             "samples", "max_new_tokens", "seed", "wrong_reward")}
+                                             "samples", "max_new_tokens", "seed", "wrong_reward", "baseline")}
     st = {"step": 0, "metrics": [], "best": -1.0, "since_best": 0}
     ckpt = out / "state.pt"
     if args.resume and ckpt.exists():
@@ -316,17 +335,27 @@ def main(args):
         comp_ids, correct = rollout(model, tok, task, items, prompts, theta, cache, args,
                                     seed=args.seed * 7919 + step * 1009 + rank, vision=vision)
         rewards = [task.reward(c) for c in correct]
+        # the whole batch's rewards on every rank (rows are dealt round-robin), then each rank's weights
+        glob = torch.zeros(len(idx) * args.samples, dtype=torch.float64)
+        glob[rank::ws] = torch.tensor(rewards, dtype=torch.float64)
+        glob = all_sum(glob).view(-1, args.samples)
+        weights = advantages(glob.flatten().tolist(), args.samples, args.baseline)[rank::ws]
         prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
         B = len(idx) * args.samples
         opt.zero_grad(set_to_none=True)
         pg = kl = 0.0
-        for s in range(0, len(items), args.micro_batch):
-            sl = slice(s, s + args.micro_batch)
-            a, b = loss_on(model, theta, prompt_ids[sl], comp_ids[sl], rewards[sl], B, args,
-                           embed=embedder(items[sl], vision))
+        # a rollout with weight 0 (a baseline cancelled its reward) adds nothing to the policy
+        # gradient: skip its forward/backward, unless the KL term still needs it
+        rows = [i for i in range(len(items)) if weights[i] != 0 or args.kl_coef > 0]
+        for s in range(0, len(rows), args.micro_batch):
+            mb = rows[s:s + args.micro_batch]
+            a, b = loss_on(model, theta, [prompt_ids[i] for i in mb], [comp_ids[i] for i in mb],
+                           [weights[i] for i in mb], B, args, embed=embedder([items[i] for i in mb], vision))
             pg, kl = pg + a, kl + b
         svf.set_z(model, None)
         for t in params:  # sum the θ gradients of all ranks (each already divided by the global B)
+            if t.grad is None:  # no rows on this rank took part
+                t.grad = torch.zeros_like(t)
             all_sum(t.grad)
         stats = all_sum(torch.tensor([sum(correct), len(correct), pg, kl, sum(rewards)], dtype=torch.float64))
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
@@ -336,6 +365,8 @@ def main(args):
         m = {"step": step + 1, "train_acc": float(stats[0] / stats[1]), "reward": float(stats[4] / stats[1]),
              "pg_loss": float(stats[2]), "kl": float(stats[3]), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
              "gen_tokens": sum(len(c) for c in comp_ids), "seconds": time.time() - t0}
+        if args.samples > 1:  # prompts whose answers disagree: the only ones with a +1/−1 contrast
+            m["mixed"] = float(((glob.max(1).values > glob.min(1).values).double()).mean())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             m.update(validate(step + 1))
         st["metrics"].append(m)
@@ -345,7 +376,8 @@ def main(args):
             if "valid" in m:
                 plot_curve(out, st["metrics"])
             tqdm.write(f"step {step + 1} | reward {m['reward']:+.2f} | train acc {m['train_acc']:.1%} | kl {m['kl']:.4f} | "
-                       f"|g| {gnorm:.2e} | {m['seconds']:.1f} s" + (f" | valid {m['valid']}" if "valid" in m else ""))
+                       f"|g| {gnorm:.2e} | {m['seconds']:.1f} s" + (f" | mixed {m['mixed']:.0%}" if "mixed" in m else "")
+                       + (f" | valid {m['valid']}" if "valid" in m else ""))
         if st["since_best"] >= args.patience:
             if rank == 0:
                 tqdm.write(f"early stop: {args.patience} validations without improvement")

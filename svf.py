@@ -19,9 +19,12 @@ string metadata: parametrization, rescale, base_model, base_fingerprint, targets
 
     python svf.py init  --model checkpoints/smollm2-135m-instruct --out runs/init.safetensors
     python svf.py merge --model checkpoints/smollm2-135m-instruct --expert E.safetensors --out DIR2
+    python svf.py mix --experts E1 E2 E3 --out uniform.safetensors    # z′ = (z1 + z2 + z3) / 3
     python svf.py --bench     # SVD time, one training step vs (a) no SVF and (b) the official way
 """
 import argparse
+import glob
+import json
 import os
 import shutil
 import warnings
@@ -223,6 +226,23 @@ def mix(experts, alpha, mode="z"):
     raise ValueError(f"mix: mode must be 'z' or 'theta', got {mode!r}")
 
 
+# Where `make train TASK=...` writes the three experts (reinforce.py --out runs/TASK-MODEL); cem.py and
+# dispatch.py look here when no files are given.
+EXPERT_RUNS = {"math": "runs/gsm8k-*/best.safetensors", "code": "runs/mbpp-*/best.safetensors",
+               "reasoning": "runs/arc_easy_direct-*/best.safetensors"}
+
+
+def find_expert(pattern, model_fp=None):
+    """A file, or the first glob match trained on base `model_fp` (runs/ may hold several models'
+    experts); None if nothing matches."""
+    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    paths = [p for p in paths if Path(p).is_file()]
+    if model_fp:
+        with_fp = [p for p in paths if safe_open(p, "pt").metadata().get("base_fingerprint") in (model_fp, "*")]
+        paths = with_fp or paths  # none matches: keep them, Expert.check names the mismatch
+    return paths[0] if paths else None
+
+
 def transfer(expert, shuffle=False, seed=0):
     """Cross-model transfer (paper Table 5): the same θ for another base model with equal shapes;
     shuffle=True permutes each vector (the control: does the singular-value order matter?)."""
@@ -397,6 +417,11 @@ def main(argv=None):
     m.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
     m.add_argument("--expert", required=True)
     m.add_argument("--out", required=True, help="new folder (model.safetensors + config/tokenizer copies)")
+    x = sub.add_parser("mix", help="write z′ = Σ α_k z_k of trained experts as one expert (default α = 1/K)")
+    x.add_argument("--experts", nargs="+", required=True, help="expert files of one base model")
+    x.add_argument("--alpha", nargs="+", type=float, default=None, help="one α per expert (default: uniform 1/K)")
+    x.add_argument("--mode", default="z", choices=["z", "theta"], help="mix applied z (paper) or raw θ (official)")
+    x.add_argument("--out", required=True, help="expert .safetensors to write")
     for q in (i, m):
         q.add_argument("--root", default=None, help="SVD cache root (default $T2_CACHE or ~/.cache/transformer2)")
     args = p.parse_args(argv)
@@ -429,6 +454,19 @@ def main(argv=None):
             if f.is_file() and not f.name.startswith("model.safetensors"):
                 shutil.copy2(f, out / f.name)
         print(f"{out} | {len(expert.theta)} matrices merged from {args.expert}")
+    elif args.cmd == "mix":
+        experts = [Expert.load(f) for f in args.experts]
+        alpha = args.alpha or [1.0 / len(experts)] * len(experts)
+        if len(alpha) != len(experts):
+            raise SystemExit(f"--alpha needs one value per expert ({len(experts)}), got {len(alpha)}")
+        fps = {e.meta.get("base_fingerprint") for e in experts}
+        if len(fps) > 1:
+            raise SystemExit(f"mix: the experts were trained on different base models {sorted(map(str, fps))}")
+        # stored as raw z: a mix of sigmoid z's need not be a sigmoid of anything in range
+        meta = {**experts[0].meta, "parametrization": "raw", "task": "mix",
+                "mix_alpha": json.dumps(alpha), "mix_experts": json.dumps(args.experts), "mix_mode": args.mode}
+        Expert(mix(experts, alpha, args.mode), meta).save(args.out)
+        print(f"{args.out} | z′ = " + " + ".join(f"{a:.3f}·{f}" for a, f in zip(alpha, args.experts)))
     else:
         p.print_help()
 

@@ -10,7 +10,7 @@
 
 Runner: `python -m evals --help` (evals/__main__.py).
 """
-from evals.arc import arc_challenge, arc_easy
+from evals.arc import arc_challenge, arc_challenge_direct, arc_easy, arc_easy_direct
 from evals.classify import cls_task
 from evals.common import Task, fmt_acc, mcnemar, render_prompt, wilson
 from evals.gsm8k import gsm8k
@@ -21,6 +21,7 @@ from evals.vqa import easy_vqa, okvqa, textvqa
 
 TASKS: dict[str, Task] = {"gsm8k": gsm8k, "math": math_task, "mbpp": mbpp, "humaneval": humaneval,
                           "arc_easy": arc_easy, "arc_challenge": arc_challenge,
+                          "arc_easy_direct": arc_easy_direct, "arc_challenge_direct": arc_challenge_direct,
                           "cls": cls_task, "easy_vqa": easy_vqa, "textvqa": textvqa, "okvqa": okvqa}
 
 

@@ -25,7 +25,8 @@ from evals.common import fmt_acc, mcnemar, read_jsonl, render_prompt, write_json
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # what to do
-    ap.add_argument("--task", help="gsm8k | math | mbpp | humaneval | arc_easy | arc_challenge")
+    ap.add_argument("--task", help="gsm8k | math | mbpp | humaneval | arc_easy | arc_challenge "
+                                    "| arc_easy_direct | arc_challenge_direct (letter only)")
     ap.add_argument("--model", help="model folder (config.json, tokenizer, safetensors)")
     ap.add_argument("--score", metavar="FILE", help="score completions from a JSONL file instead of generating")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired McNemar test of two per-item files")

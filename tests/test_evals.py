@@ -210,6 +210,18 @@ def test_arc_unparseable_is_wrong_unless_official():
                        for i in range(200)]  # and the same guess every time
 
 
+def test_arc_direct_reads_only_a_leading_letter():
+    task = get_task("arc_challenge_direct")
+    item = task.load("test")[0]
+    prompt = render_prompt(TemplateStub(), task, item)
+    assert prompt.endswith("assistant\nThe answer is (") and "Options:\n(A) " in prompt and "letter" in prompt
+    gold = item["gold"]
+    other = next(c for c in "ABCD" if c != gold)
+    assert task.check([item] * 6, [gold, f" {gold})", f"{gold}) because", other, "Because", ""]) == \
+        [True, True, True, False, False, False]
+    assert get_task("arc_easy_direct").load("valid") == get_task("arc_easy").load("valid")  # same items
+
+
 def test_code_extraction():
     assert extract_code("def f():\n    return 1\n```\nSome prose") == "def f():\n    return 1\n"
     assert extract_code("```python\ndef f(): pass\n```") == "def f(): pass\n"

@@ -89,6 +89,16 @@ def test_kl_is_zero_at_uniform_z(real):
     assert kl > 1e-3
 
 
+def test_leave_one_out_baseline_by_hand():
+    # two prompts x 3 answers: [+1, -1, -1] and [+1, +1, +1]
+    r = [1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
+    assert reinforce.advantages(r, 3, None) == r  # the paper: the reward itself
+    # prompt 1: 1 - (-1 - 1)/2 = 2, -1 - (1 - 1)/2 = -1, same for the third; prompt 2: no contrast
+    assert reinforce.advantages(r, 3, "loo") == [2.0, -1.0, -1.0, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="needs --samples 2"):
+        reinforce.main(reinforce.get_args(["--task", "gsm8k", "--out", "/tmp/x", "--baseline", "loo"]))
+
+
 def test_batches_are_without_replacement():
     seen = [i for step in range(5) for i in reinforce.batch_indices(step, 10, 4, seed=1)]
     assert sorted(seen[:8]) == sorted(set(seen[:8]))  # first 8 draws: no repeats within the epoch
@@ -130,10 +140,15 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert meta["task"] == "gsm8k" and meta["lr"] == "0.002" and "valid_acc" in meta
 
 
-def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path, sampled):
     env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(steps=1, eval_every=1, temperature=0.0)
+    if sampled:  # the 2 answers to each prompt land on different ranks: the baseline needs both;
+        # greedy keeps the ranks' rollouts equal to one process's, so every row's weight is 0 and
+        # this checks the path where a rank has no row to backpropagate
+        common = dict(steps=1, eval_every=1, temperature=0.0, samples=2, baseline="loo", kl_coef=0)
     subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, one, **common)], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
@@ -146,3 +161,5 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
     ma = json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])
     mb = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
     assert ma["reward"] == mb["reward"] and abs(ma["kl"] - mb["kl"]) < 1e-6
+    if sampled:  # greedy answers to one prompt agree, so the baseline zeroes every row on both ranks
+        assert ma["mixed"] == mb["mixed"] == 0.0

@@ -390,3 +390,24 @@ def test_cli_init_and_merge(tmp_path):
     with svf.merged(base, expert, svd_cache.load(base, names=list(expert.theta), root=root)):
         for k, v in base.state_dict().items():
             assert torch.equal(out.state_dict()[k], v), k
+
+
+def test_cli_mix_writes_the_average_z(tmp_path):
+    model = tiny_model()
+    cache = svd_cache.load(model, "mlp", root=tmp_path)
+    files = []
+    for k in range(3):
+        e = svf.Expert.new({n: torch.randn(cache.rank(n)) for n in cache.names}, model, cache, task=f"t{k}")
+        e.save(tmp_path / f"e{k}.safetensors")
+        files.append(str(tmp_path / f"e{k}.safetensors"))
+    experts = [svf.Expert.load(f) for f in files]
+    svf.main(["mix", "--experts", *files, "--out", str(tmp_path / "u.safetensors")])
+    u = svf.Expert.load(tmp_path / "u.safetensors")
+    n = cache.names[2]
+    torch.testing.assert_close(u.z(n), sum(e.z(n) for e in experts) / 3)  # by hand: the plain average
+    assert u.meta["parametrization"] == "raw" and u.meta["base_fingerprint"] == cache.fingerprint
+    u.check(model, cache)
+    svf.main(["mix", "--experts", *files, "--alpha", "0", "1", "0", "--out", str(tmp_path / "one.safetensors")])
+    assert torch.equal(svf.Expert.load(tmp_path / "one.safetensors").z(n), experts[1].z(n))
+    with pytest.raises(SystemExit, match="one value per expert"):
+        svf.main(["mix", "--experts", *files, "--alpha", "1", "--out", str(tmp_path / "x.safetensors")])
