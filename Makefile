@@ -14,7 +14,7 @@ CKPT_smollm2-135m        := checkpoints/smollm2-135m-instruct
 CKPT_qwen2.5-coder-0.5b  := checkpoints/qwen2.5-coder-0.5b-instruct
 CKPT := $(CKPT_$(MODEL))
 
-.PHONY: setup model test bench bench-train train cem dispatch clean-venv
+.PHONY: setup model test bench bench-svf bench-train train cem dispatch clean-venv
 
 setup: .venv/.done
 
@@ -35,6 +35,9 @@ test: model
 
 bench: model
 	$(PY) tools/bench_model.py --model $(CKPT)
+
+bench-svf: model
+	$(PY) tools/bench_svf.py --model $(CKPT) $(ARGS)
 
 bench-train: model
 	$(PY) tools/bench_train.py --model $(CKPT) $(ARGS)
