@@ -1,0 +1,73 @@
+"""The README's pass-2 table: one markdown row per method, from per-item result files.
+
+Each file holds one JSON line per item with "id" and "correct" (`python -m evals --out`,
+cem.py's base/uniform/cem.jsonl, dispatch.py's items.jsonl). Rows are compared on the items
+every file has (cem.py leaves its shots out; dispatch.py does not), with an exact McNemar test
+against the first two methods (base and uniform α). For dispatch.py folders, the dispatch
+accuracy and the pass-1 / pass-2 times come from summary.json.
+
+    python tools/pass2_table.py --task arc_challenge_direct base=runs/cem-x/base.jsonl \
+        uniform=runs/cem-x/uniform.jsonl prompt=runs/dispatch-prompt-x cls=runs/dispatch-cls-x
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from evals.common import fmt_acc, mcnemar, read_jsonl  # noqa: E402
+
+
+def load(path):
+    """(id -> correct, dispatch summary or None) for a per-item file or a dispatch.py folder."""
+    path = Path(path)
+    summary = None
+    if path.is_dir():
+        summary = json.loads((path / "summary.json").read_text())
+        path = path / "items.jsonl"
+    rows = {}
+    for row in read_jsonl(path):
+        if "correct" not in row:
+            raise SystemExit(f"pass2_table: {path} has no 'correct' field (a --classify-only run?)")
+        rows.setdefault(json.dumps(row["id"]), bool(row["correct"]))
+    return rows, summary
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, help="label of the table's rows")
+    ap.add_argument("runs", nargs="+", metavar="NAME=PATH", help="the first two are the references (base, uniform)")
+    args = ap.parse_args(argv)
+    runs = {}
+    for spec in args.runs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            raise SystemExit(f"pass2_table: expected NAME=PATH, got {spec!r}")
+        runs[name] = load(path)
+    ids = sorted(set.intersection(*(set(r) for r, _ in runs.values())))
+    refs = list(runs)[:2]
+    print(f"{args.task}: {len(ids)} items in every file")
+    print("| method | accuracy | " + " | ".join(f"vs {r} (wins–losses, p)" for r in refs) + " | dispatch accuracy | pass 1 / pass 2 |")
+    print("|---|---|" + "---|" * len(refs) + "---|---|")
+    for name, (rows, summary) in runs.items():
+        got = [rows[i] for i in ids]
+        cells = [name, fmt_acc(sum(got), len(got))]
+        for ref in refs:
+            if ref == name:
+                cells.append("—")
+                continue
+            other = [runs[ref][0][i] for i in ids]
+            wins = sum(a and not b for a, b in zip(got, other))
+            losses = sum(b and not a for a, b in zip(got, other))
+            cells.append(f"{wins}–{losses}, p = {mcnemar(got, other):.2g}")
+        if summary and "pass2_s" in summary:
+            cells += [summary.get("dispatch", ""),
+                      f"{summary['pass1_s']:.0f} s / {summary['pass2_s']:.0f} s = {summary['ratio']:.2f}"]
+        else:
+            cells += ["", ""]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
