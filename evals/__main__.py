@@ -14,12 +14,11 @@ dataset id; MATH "<subject>/<index>".
 """
 import argparse
 import dataclasses
-import json
 import sys
 import time
 
 from evals import get_task
-from evals.common import fmt_acc, mcnemar, read_jsonl, render_prompt, write_jsonl
+from evals.common import fmt_acc, mcnemar, read_correct, read_jsonl, render_prompt, write_jsonl
 
 
 def parse_args(argv=None):
@@ -123,12 +122,7 @@ def score(args, task):
 
 def compare(path_a, path_b):
     """Paired exact McNemar test on the ids both files contain (first occurrence of each id)."""
-    a = {}
-    for row in read_jsonl(path_a):
-        a.setdefault(json.dumps(row["id"]), bool(row["correct"]))
-    b = {}
-    for row in read_jsonl(path_b):
-        b.setdefault(json.dumps(row["id"]), bool(row["correct"]))
+    a, b = read_correct(path_a), read_correct(path_b)
     common = [i for i in a if i in b]
     xs, ys = [a[i] for i in common], [b[i] for i in common]
     p = mcnemar(xs, ys)

@@ -63,6 +63,16 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_correct(path) -> dict[str, bool]:
+    """Per-item verdicts of a results file: JSON-encoded id -> correct (first occurrence of each id)."""
+    verdicts = {}
+    for row in read_jsonl(path):
+        if "correct" not in row:
+            raise SystemExit(f"{path}: a line has no 'correct' field (not a scored per-item file)")
+        verdicts.setdefault(json.dumps(row["id"]), bool(row["correct"]))
+    return verdicts
+
+
 def write_jsonl(path, rows):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evals.common import fmt_acc, mcnemar, read_jsonl  # noqa: E402
+from evals.common import fmt_acc, mcnemar, read_correct  # noqa: E402
 
 
 def load(path):
@@ -26,12 +26,7 @@ def load(path):
     if path.is_dir():
         summary = json.loads((path / "summary.json").read_text())
         path = path / "items.jsonl"
-    rows = {}
-    for row in read_jsonl(path):
-        if "correct" not in row:
-            raise SystemExit(f"pass2_table: {path} has no 'correct' field (a --classify-only run?)")
-        rows.setdefault(json.dumps(row["id"]), bool(row["correct"]))
-    return rows, summary
+    return read_correct(path), summary
 
 
 def main(argv=None):
