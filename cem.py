@@ -35,7 +35,8 @@ import svd_cache
 import svf
 from evals import TASKS, get_task
 from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
-from model import Tokenizer, Transformer, generate, score
+from generate import Tokenizer, generate, score
+from model import Transformer
 
 
 def get_args(argv=None):

@@ -32,7 +32,8 @@ import svf
 from evals import get_task
 from evals.classify import CATEGORIES, cls_task, free_form
 from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
-from model import Tokenizer, Transformer, generate
+from generate import Tokenizer, generate
+from model import Transformer
 
 TRUE_CATEGORY = {"math": "math", "gsm8k": "math", "humaneval": "code", "mbpp": "code",
                  "arc_easy": "reasoning", "arc_challenge": "reasoning",

@@ -44,7 +44,8 @@ import svf
 import vlm
 from evals import get_task, TASKS
 from evals.common import fmt_acc, render_prompt, wilson
-from model import Tokenizer, Transformer, completion_hidden, generate
+from generate import Tokenizer, completion_hidden, generate
+from model import Transformer
 
 
 def get_args(argv=None):

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (ModelConfig, Tokenizer, Transformer, generate, load_checked, load_safetensors, read_json,
-                   resolve_checkpoint)
+from generate import Tokenizer, generate
+from model import ModelConfig, Transformer, load_checked, load_safetensors, read_json, resolve_checkpoint
 
 # transformers' defaults for fields a llava-hf config.json may leave out (its text_config is
 # often partial: llava-1.5-7b-hf stores 8 keys and relies on LlamaConfig's defaults).

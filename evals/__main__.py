@@ -54,7 +54,8 @@ def generate_all(args, task, items):
     import torch
     from tqdm import tqdm
 
-    from model import Tokenizer, Transformer, generate
+    from generate import Tokenizer, generate
+    from model import Transformer
 
     torch.manual_seed(args.seed)
     if args.threads:

@@ -22,7 +22,8 @@ import svd_cache  # noqa: E402
 import svf  # noqa: E402
 from evals import TASKS  # noqa: E402
 from evals.gsm8k import GSM8K  # noqa: E402
-from model import Tokenizer, Transformer  # noqa: E402
+from generate import Tokenizer  # noqa: E402
+from model import Transformer  # noqa: E402
 
 
 class Parity(GSM8K):

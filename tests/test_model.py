@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from model import ModelConfig, Tokenizer, Transformer, generate, score
+from generate import Tokenizer, generate, score
+from model import ModelConfig, Transformer
 
 TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

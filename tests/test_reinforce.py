@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 import reinforce
 import svd_cache
 import svf
-from model import Tokenizer, Transformer, score
+from generate import Tokenizer, score
+from model import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vlm
-from model import Tokenizer
+from generate import Tokenizer
 
 IMAGE_TOKEN = 49151          # last id of SmolLM2's vocabulary stands in for "<image>"
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import Tokenizer, Transformer, generate  # noqa: E402
+from generate import Tokenizer, generate  # noqa: E402
+from model import Transformer  # noqa: E402
 
 
 def bench(args):

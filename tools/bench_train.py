@@ -24,7 +24,8 @@ import reinforce  # noqa: E402
 import svd_cache  # noqa: E402
 import svf  # noqa: E402
 from evals import get_task, render_prompt  # noqa: E402
-from model import Tokenizer, Transformer  # noqa: E402
+from generate import Tokenizer  # noqa: E402
+from model import Transformer  # noqa: E402
 
 
 def bench(args):
