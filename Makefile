@@ -51,18 +51,18 @@ TM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(if $(fil
 # sampled rollouts: 4 answers per question, and a leave-one-out baseline, so each update learns from
 # the contrast between right and wrong answers to the same question (README: why)
 SAMPLED := --samples 4 --baseline loo --optimizer adam --lr 1e-2 --kl-coef 0
-RECIPE_gsm8k := $(SAMPLED) --temperature 0.7 --batch-size 16 --micro-batch 4 --rollout-batch 16 \
+RECIPE_gsm8k := $(SAMPLED) --temperature 0.7 --batch-size 16 --micro-batch 4 \
                 --max-new-tokens 320 --steps 10 --eval-every 5 --valid-limit 60
-RECIPE_mbpp  := $(SAMPLED) --temperature 0.7 --batch-size 16 --micro-batch 4 --rollout-batch 16 \
+RECIPE_mbpp  := $(SAMPLED) --temperature 0.7 --batch-size 16 --micro-batch 4 \
                 --max-new-tokens 384 --steps 8 --eval-every 4 --valid-limit 40
 # ARC-Easy, letter only (evals/arc.py): one generated token per answer
-RECIPE_arc_easy_direct := $(SAMPLED) --temperature 1.0 --batch-size 32 --micro-batch 8 --rollout-batch 32 \
+RECIPE_arc_easy_direct := $(SAMPLED) --temperature 1.0 --batch-size 32 --micro-batch 8 \
                 --steps 15 --eval-every 5
 # ARC-Easy step by step, the first greedy recipe (README: stopped after 3 of 4 updates)
-RECIPE_arc_easy := --batch-size 16 --micro-batch 4 --rollout-batch 16 --optimizer adam --lr 5e-3 --kl-coef 0 \
+RECIPE_arc_easy := --batch-size 16 --micro-batch 4 --optimizer adam --lr 5e-3 --kl-coef 0 \
                 --max-new-tokens 384 --steps 4 --eval-every 4 --valid-limit 30
 # cls: rollouts are a label of 1-2 tokens, so 4 sampled labels per question are cheap exploration
-RECIPE_cls   := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --rollout-batch 16 --optimizer adam \
+RECIPE_cls   := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --optimizer adam \
                 --lr 1e-2 --kl-coef 0 --max-new-tokens 8 --steps 10 --eval-every 5 --valid-limit 60
 
 train: setup

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import svd_cache
 import svf
 from evals import TASKS, get_task
-from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
-from generate import Tokenizer, generate, score
+from evals.common import answer, fmt_acc, mcnemar, write_jsonl
+from generate import Tokenizer, score
 from model import Transformer
 
 
@@ -63,7 +62,7 @@ def get_args(argv=None):
     g.add_argument("--light", action="store_true", help="3 shots, 10 generations")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("speed")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per generation call")
+    g.add_argument("--slots", type=int, default=64, help="sequences decoded together (continuous batching)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--bench", action="store_true", help="time one generation batched vs member by member, then exit")
@@ -83,30 +82,27 @@ def world():
 def population_fitness(model, tok, task, shots, experts, alphas, args):
     """(accuracy, mean log-likelihood of own correct answers) for each α in `alphas` (P, ...).
 
-    Rows = (member, shot) pairs; each row's z is its member's mix, so one generate call scores
-    many members at once.
+    Rows = (member, shot) pairs, each carrying its member's mixed z (svf.set_z with (B, r)), all
+    through one engine call: the whole population is one batch instead of P weight merges.
     """
-    prompts = [render_prompt(tok, task, it) for it in shots]
     mixes = [svf.mix(experts, a, args.mode) for a in alphas]
     rows = [(m, s) for m in range(len(alphas)) for s in range(len(shots))]
+    zs = {n: torch.stack([mixes[m][n] for m, _ in rows]) for n in mixes[0]}  # (P·S, r) each
+    records = answer(model, tok, task, [shots[s] for _, s in rows], max_new_tokens=args.max_new_tokens,
+                     slots=args.slots, zs=zs, rescale=experts[0].rescale)
     correct, answers = {}, {}
-    for i in range(0, len(rows), args.batch_size):
-        chunk = rows[i:i + args.batch_size]
-        svf.set_z(model, {n: torch.stack([mixes[m][n] for m, _ in chunk]) for n in mixes[0]})  # (B, r) each
-        ids, texts = generate(model, tok, [prompts[s] for _, s in chunk], max_new_tokens=args.max_new_tokens,
-                              stop=list(task.stop))
-        ok = task.check([shots[s] for _, s in chunk], texts)
-        # tie-break: log-likelihood of the member's own correct answers under its own z
-        right = [j for j, c in enumerate(ok) if c]
-        if right:
-            svf.set_z(model, {n: torch.stack([mixes[chunk[j][0]][n] for j in right]) for n in mixes[0]})
-            with torch.no_grad():
-                _, tok_lp, mask = score(model, [tok.encode(prompts[chunk[j][1]]) for j in right],
-                                        [ids[j] for j in right])
-            for j, lp, mk in zip(right, tok_lp, mask):
-                answers.setdefault(chunk[j][0], []).append(float((lp * mk).sum() / mk.sum()))
-        for (m, _), c in zip(chunk, ok):
-            correct[m] = correct.get(m, 0) + int(c)
+    for (m, _), r in zip(rows, records):
+        correct[m] = correct.get(m, 0) + int(r["correct"])
+    # tie-break: log-likelihood of each member's own correct answers under its own z
+    right = [j for j, r in enumerate(records) if r["correct"]]
+    for i in range(0, len(right), args.slots):
+        chunk = right[i:i + args.slots]
+        svf.set_z(model, {n: z[chunk] for n, z in zs.items()}, experts[0].rescale)
+        with torch.no_grad():
+            _, tok_lp, mask = score(model, [records[j]["prompt_ids"] for j in chunk], [records[j]["ids"] for j in chunk],
+                                    share=False)  # one z per row: equal prompts have different keys/values
+        for j, lp, mk in zip(chunk, tok_lp, mask):
+            answers.setdefault(rows[j][0], []).append(float((lp * mk).sum() / mk.sum()))
     svf.set_z(model, None)
     acc = torch.tensor([correct.get(m, 0) / len(shots) for m in range(len(alphas))])
     ll = torch.tensor([sum(answers[m]) / len(answers[m]) if m in answers else float("-inf")
@@ -162,18 +158,12 @@ def cem(fitness, shape, args, log=print):
 # -----------------------------------------------------------------------------
 # Reporting
 
-def answer_all(model, tok, task, items, zs, args):
+def answer_all(model, tok, task, items, zs, args, rescale=True):
     """Greedy correctness on `items` with z's merged (None = the base model)."""
-    prompts = [render_prompt(tok, task, it) for it in items]
-    out = []
     svf.set_z(model, None)
-    ctx = svf.merged(model, zs) if zs is not None else torch.no_grad()
+    ctx = svf.merged(model, zs, rescale=rescale) if zs is not None else torch.no_grad()
     with ctx:
-        for i in tqdm(range(0, len(items), args.batch_size), desc="report", leave=False):
-            _, texts = generate(model, tok, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
-                                stop=list(task.stop))
-            out += task.check(items[i:i + args.batch_size], texts)
-    return out
+        return [r["correct"] for r in answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots)]
 
 
 def plot_alpha(path, alpha, names):
@@ -249,7 +239,7 @@ def main(args):
     plot_alpha(out / "alpha.png", alpha, names)
     # report on the items CEM never saw: adapted vs base vs uniform α
     uniform = svf.mix(experts, torch.full(shape, 1.0 / K), args.mode)
-    res = {name: answer_all(model, tok, task, rest, zs_, args)
+    res = {name: answer_all(model, tok, task, rest, zs_, args, experts[0].rescale)
            for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]}
     for name, r in res.items():  # per item, for paired tests against other runs (python -m evals --compare)
         write_jsonl(out / f"{name}.jsonl", [{"id": it["id"], "correct": ok} for it, ok in zip(rest, r)])
@@ -273,9 +263,8 @@ def bench(model, tok, task, shots, experts, shape, args):
     batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     for a in pop:  # the official way: merge each member's weights, then answer the shots
-        with svf.merged(model, svf.mix(experts, a, args.mode)):
-            _, texts = generate(model, tok, [render_prompt(tok, task, it) for it in shots],
-                                max_new_tokens=args.max_new_tokens, stop=list(task.stop))
+        with svf.merged(model, svf.mix(experts, a, args.mode), rescale=experts[0].rescale):
+            answer(model, tok, task, shots, max_new_tokens=args.max_new_tokens, slots=args.slots)
     single = time.perf_counter() - t0
     print(f"one generation, {args.population} members × {len(shots)} shots, {args.max_new_tokens} new tokens max: "
           f"batched {batched:.1f} s | member by member {single:.1f} s | speed-up {single / batched:.2f}x")

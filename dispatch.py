@@ -31,7 +31,7 @@ import svd_cache
 import svf
 from evals import get_task
 from evals.classify import CATEGORIES, cls_task, free_form
-from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
+from evals.common import answer, fmt_acc, mcnemar, write_jsonl
 from generate import Tokenizer, generate
 from model import Transformer
 
@@ -58,7 +58,7 @@ def get_args(argv=None):
     g.add_argument("--classify-only", action="store_true", help="task: pass 1 only (dispatch accuracy)")
     g.add_argument("--free-form", action="store_true", help="pass 1 without the \\boxed{ prefill (evals/classify.py)")
     g = p.add_argument_group("generation and output")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--slots", type=int, default=64, help="sequences decoded together (continuous batching)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="pass 2 (default: the task's, or 512)")
     g.add_argument("--compare-base", action="store_true", help="also answer with the base model (McNemar)")
     g.add_argument("--out", default=None, help="folder: items.jsonl, summary.json, confusion.png")
@@ -110,16 +110,12 @@ def fewshot_z(alpha_file):
 # -----------------------------------------------------------------------------
 # Pass 1 and pass 2
 
-def classify(model, tok, questions, cls_expert=None, batch_size=8, task=cls_task):
+def classify(model, tok, questions, cls_expert=None, slots=64, task=cls_task):
     """Pass 1: a category per question, base weights or with z^c merged in (the cls task's prompt)."""
     ctx = svf.merged(model, cls_expert) if cls_expert is not None else nullcontext()
-    prompts = [render_prompt(tok, task, {"question": q}) for q in questions]
-    texts = []
     with ctx:
-        for s in range(0, len(prompts), batch_size):
-            texts += generate(model, tok, prompts[s:s + batch_size], max_new_tokens=task.max_new_tokens,
-                              stop=list(task.stop) or None)[1]
-    return [task.extract(t) for t in texts], texts
+        records = answer(model, tok, task, [{"question": q} for q in questions], slots=slots, check=False)
+    return [r["extracted"] for r in records], [r["completion"] for r in records]
 
 
 def adapted(model, category, experts):
@@ -144,18 +140,11 @@ def row_zs(experts, categories, cache):
     return out
 
 
-def answer(model, tok, task, items, categories, experts, cache, args):
-    """Pass 2 for a task: batches whose rows may use different experts (svf.py's per-sequence z)."""
-    max_new = args.max_new_tokens or task.max_new_tokens
-    texts = []
-    for s in range(0, len(items), args.batch_size):
-        rows = items[s:s + args.batch_size]
-        if experts:
-            svf.set_z(model, row_zs(experts, categories[s:s + len(rows)], cache), rescale=False)
-        prompts = [render_prompt(tok, task, it) for it in rows]
-        texts += generate(model, tok, prompts, max_new_tokens=max_new, stop=list(task.stop) or None)[1]
-    svf.set_z(model, None)
-    return texts
+def pass2(model, tok, task, items, categories, experts, cache, args):
+    """Pass 2 for a task: one engine call whose rows may use different experts (svf.py's per-row z)."""
+    zs = row_zs(experts, categories, cache) if experts else None
+    records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, zs=zs, rescale=False)
+    return [r["completion"] for r in records]
 
 
 def confusion(true, pred):
@@ -204,7 +193,7 @@ def main(args):
         ctx = svf.merged(model, mixed[0], rescale=mixed[1]) if mixed else adapted(model, category, experts)
         with ctx:
             prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
-            text = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens or 512)[1][0]
+            text = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens or 512).texts[0]
         t2 = time.perf_counter()
         used = args.alpha if mixed else experts[category].source if category in experts else "base weights"
         print(f"category {category} | expert {used}\n{text}\npass 1 {t1 - t0:.1f} s | pass 2 {t2 - t1:.1f} s")
@@ -223,7 +212,7 @@ def main(args):
     if mixed:  # few-shot: α was searched offline by cem.py; pass 1 here is only the mixing
         pred, raw = ["mixed"] * len(items), [""] * len(items)
     else:
-        pred, raw = classify(model, tok, [task.messages(it)[-1]["content"] for it in items], cls_expert, args.batch_size, pass1)
+        pred, raw = classify(model, tok, [task.messages(it)[-1]["content"] for it in items], cls_expert, args.slots, pass1)
     t1 = time.perf_counter()
     matrix = confusion([true] * len(items), pred)
     k_dispatch = sum(p == true for p in pred)
@@ -240,7 +229,7 @@ def main(args):
     if not args.classify_only:
         if mixed:  # one z′ for every row: merge it once (zero overhead)
             with svf.merged(model, mixed[0], rescale=mixed[1]):
-                texts = answer(model, tok, task, items, pred, {}, None, args)
+                texts = pass2(model, tok, task, items, pred, {}, None, args)
         else:  # rows routed to different experts: the factored layers, one z per row
             names = list(experts["math"].theta)
             if any(list(e.theta) != names for e in experts.values()):
@@ -249,7 +238,7 @@ def main(args):
             for e in experts.values():
                 e.check(model, cache)
             svf.attach(model, cache)
-            texts = answer(model, tok, task, items, pred, experts, cache, args)
+            texts = pass2(model, tok, task, items, pred, experts, cache, args)
         t2 = time.perf_counter()
         correct = task.check(items, texts)
         k = sum(correct)
@@ -259,7 +248,7 @@ def main(args):
         for row, text, ok in zip(rows, texts, correct):
             row.update(completion=text, correct=ok)
         if args.compare_base:  # the same items, exact base weights, paired test
-            base = task.check(items, answer(model, tok, task, items, pred, {}, None, args))
+            base = task.check(items, pass2(model, tok, task, items, pred, {}, None, args))
             summary.update(base_acc=fmt_acc(sum(base), len(items)), mcnemar_p=mcnemar(correct, base))
             print(f"base   | accuracy {summary['base_acc']} | McNemar p = {summary['mcnemar_p']:.3g} (paired, n={len(items)})")
             for row, ok in zip(rows, base):

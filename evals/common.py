@@ -173,6 +173,44 @@ def render_prompt(tokenizer, task: Task, item: dict) -> str:
     return tokenizer.apply_chat_template(task.messages(item), add_generation_prompt=True) + task.prefill
 
 
+def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temperature=0.0, top_p=1.0, seed=0,
+           max_new_tokens=None, slots=64, zs=None, rescale=True, prompts=None, embed=None, check=True) -> list[dict]:
+    """The one path from task items to verdicts (evals, REINFORCE rollouts, CEM, dispatch, benchmarks):
+    render each item's prompt, generate `samples` answers per item with generate.py's engine, check them.
+
+    prompts: already-made prompts instead of rendering (a VLM's id lists with image tokens expanded);
+    zs / rescale / embed: per-item SVF scales and the prefill embedding hook, as in generate.generate;
+    check=False skips the checker (items without gold, e.g. dispatch's pass 1).
+    Returns one record per answer, item-major (item i's samples at i*samples ... i*samples+samples-1):
+      prompt_ids, ids (generated ids), completion (text), extracted (None: no final answer found),
+      cut (ran into the token cap), correct.
+    """
+    from generate import generate  # torch is imported only by callers that generate
+
+    if prompts is None:
+        prompts = [render_prompt(tokenizer, task, it) for it in items]
+    prompt_ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    g = generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens or task.max_new_tokens,
+                 temperature=temperature, top_p=top_p, seed=seed, stop=list(task.stop) or None, samples=samples,
+                 slots=slots, zs=zs, rescale=rescale, embed=embed)
+    rows = [items[r // samples] for r in range(len(g.ids))]
+    correct = task.check(rows, g.texts) if check else [None] * len(rows)
+    return [{"prompt_ids": prompt_ids[r // samples], "ids": ids, "completion": text, "extracted": task.extract(text),
+             "cut": cut, "correct": ok} for r, (ids, text, cut, ok) in enumerate(zip(g.ids, g.texts, g.cut, correct))]
+
+
+def format_counts(records) -> str:
+    """answered (a final answer was found) / cut (hit the token cap) / right, so a change in accuracy
+    can be told apart from a change in format: "right 41.2% [..] | answered 380/400 | cut 20/400"."""
+    n = len(records)
+    k = sum(bool(r["correct"]) for r in records)
+    answered = sum(r["extracted"] is not None for r in records)
+    cut = sum(bool(r["cut"]) for r in records)
+    fin = [r for r in records if not r["cut"]]
+    return (f"right {fmt_acc(k, n)} | answered {answered}/{n} | cut {cut}/{n} | "
+            f"right among finished {sum(bool(r['correct']) for r in fin)}/{len(fin)}")
+
+
 # ----------------------------------------------------------------------------- statistics
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -38,7 +38,7 @@ TASKS["parity"] = Parity("parity", splits=("train", "valid", "test"), max_new_to
 
 def cem_args(**kw):
     a = dict(population=8, elites=3, init_std=0.5, generations=30, normalize=False, seed=0, mode="z",
-             batch_size=16, max_new_tokens=5)
+             slots=16, max_new_tokens=5)
     a.update(kw)
     return Namespace(**a)
 
@@ -101,7 +101,7 @@ def test_batched_population_equals_member_by_member(tiny):
     model, tok, _, experts = tiny
     shots = TASKS["parity"].load("test")[:4]
     pop = torch.rand(5, 3, generator=torch.Generator().manual_seed(1))
-    args = cem_args(batch_size=20)
+    args = cem_args(slots=20)
     acc, ll = cem.population_fitness(model, tok, TASKS["parity"], shots, experts, pop, args)
     alone = [cem.population_fitness(model, tok, TASKS["parity"], shots, experts, pop[i:i + 1], args) for i in range(5)]
     assert torch.equal(acc, torch.cat([a for a, _ in alone]))

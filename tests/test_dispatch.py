@@ -181,7 +181,7 @@ def tiny_run(smollm2_dir, tmp_path, monkeypatch):
 def test_cli_task_and_prompt_end_to_end(tiny_run):
     folder, specs, tmp = tiny_run
     common = ["--model", str(folder), "--experts", *specs, "--threads", "1"]
-    s = dispatch.main(dispatch.get_args(["--task", "gsm8k", "--limit", "3", "--batch-size", "2",
+    s = dispatch.main(dispatch.get_args(["--task", "gsm8k", "--limit", "3", "--slots", "2",
                                          "--max-new-tokens", "3", "--compare-base", "--out", str(tmp / "out"),
                                          *common]))
     assert s["n"] == 3 and sum(map(sum, s["confusion"])) == 3 and s["categories"] == list(CATEGORIES)

@@ -68,11 +68,11 @@ def test_greedy_tokens_match_transformers(tiny):
 
         def decode(self, ids):
             return ""
-    got, _ = generate(ours, NoStop(), [prompt[0].tolist()], max_new_tokens=32)
+    got = generate(ours, NoStop(), [prompt[0].tolist()], max_new_tokens=32).ids
     assert got[0] == ref, name
 
 
-def test_left_padded_batch_equals_one_by_one(tiny):
+def test_batch_equals_one_by_one(tiny):
     name, path, _ = tiny
     ours = Transformer.from_pretrained(path)
 
@@ -83,9 +83,11 @@ def test_left_padded_batch_equals_one_by_one(tiny):
             return ""
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 17, 11)]
-    batch, _ = generate(ours, NoStop(), prompts, max_new_tokens=12)
-    single = [generate(ours, NoStop(), [p], max_new_tokens=12)[0][0] for p in prompts]
+    batch = generate(ours, NoStop(), prompts, max_new_tokens=12).ids
+    single = [generate(ours, NoStop(), [p], max_new_tokens=12).ids[0] for p in prompts]
     assert batch == single, name
+    # and with fewer slots than prompts: rows wait, then take the first free slot
+    assert generate(ours, NoStop(), prompts, max_new_tokens=12, slots=2).ids == single, name
 
 
 def test_score_equals_log_softmax_sums(tiny):
@@ -187,13 +189,14 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_dir):
 def test_smollm2_knows_paris(smollm2):
     model, tok = smollm2
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    _, texts = generate(model, tok, [prompt], max_new_tokens=24)
+    texts = generate(model, tok, [prompt], max_new_tokens=24).texts
     assert "Paris" in texts[0]
 
 
 def test_smollm2_stop_strings_and_eos(smollm2):
     model, tok = smollm2
     prompt = tok.apply_chat_template([{"role": "user", "content": "Count from 1 to 20, separated by commas."}])
-    ids, texts = generate(model, tok, [prompt, prompt], max_new_tokens=60, stop=["5"])
+    ids, texts, cut = generate(model, tok, [prompt, prompt], max_new_tokens=60, stop=["5"])
+    assert cut == [False, False]
     assert texts[0] == texts[1] and "5" not in texts[0] and "4" in texts[0]
     assert "5" in tok.decode(ids[0])  # the ids keep the token that completed the stop string

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_args(tiny_dir, out, **kw):
     argv = ["--task", "gsm8k", "--model", str(tiny_dir), "--out", str(out), "--batch-size", "4",
-            "--micro-batch", "2", "--rollout-batch", "4", "--max-new-tokens", "6", "--steps", "3",
+            "--micro-batch", "2", "--slots", "4", "--max-new-tokens", "6", "--steps", "3",
             "--eval-every", "2", "--valid-limit", "4", "--kl-coef", "0.1", "--temperature", "1.0",
             "--threads", "1"]
     for k, v in kw.items():
@@ -65,7 +65,7 @@ def test_one_update_moves_logprob_the_right_way(real, reward):
             return float(score(model, [prompt], [answer])[0][0])
     before = logp()
     opt = torch.optim.Adam(theta.values(), lr=2e-3)
-    reinforce.loss_on(model, theta, [prompt], [answer], [reward], 1, args)
+    reinforce.policy_loss(model, theta, [prompt], [answer], [reward], 1, args)[0].backward()
     torch.nn.utils.clip_grad_norm_(theta.values(), 1e-3)
     opt.step()
     after = logp()
@@ -80,12 +80,12 @@ def test_kl_is_zero_at_uniform_z(real):
     theta = {n: torch.full((cache.rank(n),), 0.3, requires_grad=True) for n in cache.names}
     for direction in ("paper", "official"):
         args = Namespace(parametrization="sigmoid", kl_coef=1.0, kl_direction=direction)
-        _, kl = reinforce.loss_on(model, theta, [prompt], [answer], [1.0], 1, args)
+        _, _, kl = reinforce.policy_loss(model, theta, [prompt], [answer], [1.0], 1, args)
         assert abs(kl) < 1e-4, (direction, kl)
     # ...and clearly positive away from uniform: the test can fail
     theta = {n: 0.3 + torch.randn(cache.rank(n), generator=torch.Generator().manual_seed(0)) for n in cache.names}
     theta = {n: t.requires_grad_(True) for n, t in theta.items()}
-    _, kl = reinforce.loss_on(model, theta, [prompt], [answer], [1.0], 1, args)
+    _, _, kl = reinforce.policy_loss(model, theta, [prompt], [answer], [1.0], 1, args)
     svf.set_z(model, None)
     assert kl > 1e-3
 

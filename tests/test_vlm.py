@@ -113,7 +113,7 @@ def test_greedy_tokens_match_transformers(tiny_vlm, smollm2_dir):
     pre = vlm.Preprocessor.from_pretrained(path)
     image = photo("coffee")
     ids, [im] = vlm.prepare(ours, tok, "<image>\nWhat is this?", [image], pre)
-    out, _ = vlm.vlm_generate(ours, tok, ["<image>\nWhat is this?"], [[image]], pre, max_new_tokens=20)
+    out = vlm.vlm_generate(ours, tok, ["<image>\nWhat is this?"], [[image]], pre, max_new_tokens=20).ids
     kw = {"image_sizes": torch.tensor([im["size"]])} if kind == "llava_next" else {}
     pixels = im["pixels"] if kind == "llava" else im["pixels"][None]
     ref = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=20, do_sample=False,
@@ -133,15 +133,16 @@ def test_feature_layer_list_and_full_strategy(smollm2_dir, tmp_path):
 
 
 def test_batched_prompts_with_different_images_and_padding(tiny_vlm):
-    """Two prompts of different lengths, one image each, left-padded in one batch = one by one."""
+    """Two prompts of different lengths, one image each, in one batch (and through one slot) = one by one."""
     kind, path, _ = tiny_vlm
     ours = vlm.LLaVA.from_pretrained(path)
     tok = Tokenizer.from_pretrained(path)
     pre = vlm.Preprocessor.from_pretrained(path)
     prompts, images = ["<image>\nWhat shape is it?", "Describe <image> briefly please, in words."], [[photo("coffee")], [photo("rocket")]]
-    batch, _ = vlm.vlm_generate(ours, tok, prompts, images, pre, max_new_tokens=8)
+    batch = vlm.vlm_generate(ours, tok, prompts, images, pre, max_new_tokens=8).ids
+    assert vlm.vlm_generate(ours, tok, prompts, images, pre, max_new_tokens=8, slots=1).ids == batch
     for p, ims, b in zip(prompts, images, batch):
-        one, _ = vlm.vlm_generate(ours, tok, [p], [ims], pre, max_new_tokens=8)
+        one = vlm.vlm_generate(ours, tok, [p], [ims], pre, max_new_tokens=8).ids
         assert one[0] == b
 
 

@@ -78,7 +78,7 @@ def test_svf_adapts_the_language_model_of_a_vlm(tiny_llava):
 
 def test_reinforce_trains_a_vlm_expert_on_easy_vqa(tiny_llava, tmp_path):
     argv = ["--task", "easy_vqa", "--model", str(tiny_llava), "--out", str(tmp_path), "--batch-size", "4",
-            "--micro-batch", "2", "--rollout-batch", "4", "--max-new-tokens", "3", "--steps", "1",
+            "--micro-batch", "2", "--slots", "4", "--max-new-tokens", "3", "--steps", "1",
             "--valid-limit", "2", "--temperature", "1.0", "--layers", "half", "--wrong-reward", "-0.1",
             "--threads", "1"]
     st = reinforce.main(reinforce.get_args(argv))
@@ -99,7 +99,7 @@ def test_task_and_checkpoint_kinds_must_match(tiny_llava, tiny_dir, tmp_path):
 
 def test_evals_runner_scores_a_vlm_on_easy_vqa(tiny_llava, tmp_path, capsys):
     from evals.__main__ import main, parse_args
-    main(parse_args(["--task", "easy_vqa", "--model", str(tiny_llava), "--limit", "4", "--batch-size", "2",
+    main(parse_args(["--task", "easy_vqa", "--model", str(tiny_llava), "--limit", "4", "--slots", "2",
                      "--out", str(tmp_path / "rows.jsonl"), "--threads", "1"]))
     out = capsys.readouterr().out
     assert "easy_vqa test" in out and "(n=4)" in out and "VQA accuracy" in out
