@@ -12,6 +12,11 @@ boxes its answer (Qwen does, unasked), the number in the last \\boxed{} wins. `o
 (`--official-extract`) reproduces the official extractor instead: the last run of digits, which
 drops minus signs and splits "1,000" into "1" and "000".
 
+Reference completion (`reference(item)`, the target of next-token training, paper Table 4): the
+dataset's worked solution without its calculator annotations ("48/2 = <<48/2=24>>24" becomes
+"48/2 = 24": a tool-use artefact of the dataset, not text a model should learn to write), and its
+"#### 72" line rewritten as "The final answer is 72." (what the prompt asks for; the extractor reads it).
+
     python -m evals --task gsm8k --model checkpoints/smollm2-135m-instruct --limit 50
 """
 import re
@@ -75,6 +80,12 @@ class GSM8K(Task):
         return [{"role": "system", "content": "You are a helpful assistant. Work through the user's request "
                                               "step by step, then give the final numeric answer at the end."},
                 {"role": "user", "content": item["question"]}]
+
+    def reference(self, item):
+        """The worked solution as a completion this task's prompt asks for and its checker accepts."""
+        steps, answer = item["solution"].rsplit("####", 1)
+        steps = re.sub(r"<<[^>]*>>", "", steps).strip()
+        return f"{steps}\nThe final answer is {answer.strip()}."
 
     def extract(self, completion):
         if self.official:

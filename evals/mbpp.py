@@ -12,6 +12,8 @@ Prompt (SPEC §3): a coding-assistant system prompt; the user turn is the proble
 the assertions (the first); the assistant turn is pre-filled with "```python\n" and generation
 stops at the closing fence. Reward +1 iff the program passes all three assertions (after the
 problem's test_setup_code) in the sandbox (evals/sandbox.py).
+Reference completion (`reference(item)`, the target of next-token training): the dataset's code,
+continuing the "```python\n" prefill and closed by the fence that stops generation.
 
     python -m evals --task mbpp --model checkpoints/qwen2.5-coder-0.5b-instruct --split test
 """
@@ -52,6 +54,10 @@ class MBPP(Task):
     def messages(self, item):
         return [{"role": "system", "content": CODE_SYSTEM},
                 {"role": "user", "content": f"{item['text']}\nYour code should pass this test:\n{item['tests'][0]}"}]
+
+    def reference(self, item):
+        """The gold code as a completion after the prefill (Windows line ends normalised)."""
+        return item["gold"].replace("\r\n", "\n").strip("\n") + "\n```"
 
     def extract(self, completion):
         return extract_code(completion)

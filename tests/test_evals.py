@@ -229,6 +229,29 @@ def test_code_extraction():
     assert extract_code("```\n```") is None
 
 
+# ----------------------------------------------------------------------------- reference completions (SFT targets)
+
+def test_gsm8k_reference_is_accepted_for_every_training_problem():
+    task = get_task("gsm8k")
+    items = task.load("train") + task.load("valid")  # all 7,473 lines of train.jsonl
+    refs = [task.reference(it) for it in items]
+    assert all(task.check(items, refs))
+    assert refs[0] == ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and "
+                       "May.\nThe final answer is 72.")  # by hand from line 0: annotations gone, "#### 72" rewritten
+    assert not any("<<" in r or "####" in r for r in refs)
+    # the control: another problem's solution is (almost always) wrong for this one
+    assert sum(task.check(items[:200], refs[1:201])) < 20
+
+
+def test_mbpp_reference_passes_the_sandbox_for_every_training_problem():
+    task = get_task("mbpp")
+    items = task.load("train")
+    refs = [task.reference(it) for it in items]
+    assert all(r.endswith("\n```") and task.stop[0] in r for r in refs)  # closed by the stop string
+    assert all(task.check(items, refs))
+    assert not any(task.check(items[:20], refs[1:21]))  # the control: other problems' code fails
+
+
 # ----------------------------------------------------------------------------- statistics
 
 def test_wilson_mcnemar_fmt():
