@@ -130,7 +130,7 @@ class StopStrings:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
-             stop=None, samples=1, slots=64, zs=None, rescale=True, embed=None):
+             stop=None, samples=1, slots=64, zs=None, rescale=True, embed=None, stats=None):
     """Continue prompts (strings, already rendered, or id lists) with continuous batching.
 
     The engine keeps `slots` rows of one KV cache busy: when a row ends (eos, a stop string, or
@@ -147,6 +147,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
         batch can run different experts. The SVF modules are reset to the base weights at the end.
     embed: optional (ids (B, T), prompt indices) -> input embeddings (B, T, C) for a prefill
         (vlm.py splices each prompt's images in this way).
+    stats: optional dict; seconds and tokens of prefill and decode are added to it (benchmarks).
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -209,6 +210,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
             new = []
             while queue and len(rows) + len(new) < n_slots:
                 new.append(queue.popleft())
+            t0 = time.perf_counter()
             if new:  # admit: prefill each new prompt once, copy its keys/values into its rows' slots
                 fresh = sorted({r // samples for r in new} - prefix.keys())
                 if fresh:
@@ -231,6 +233,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
                         del prefix[i]
                 busy = range(len(rows) - len(new), len(rows))
                 toks = draw(new, torch.stack(first))
+                phase, tokens = "prefill", sum(len(seqs[i]) for i in fresh)
             else:    # one decode step for every busy slot, each at its own position
                 busy = range(len(rows))
                 x = torch.tensor(last, device=device)[:, None]                    # (B, 1)
@@ -238,6 +241,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
                 h = forward(x, p, cache.rows(0, len(rows)), [r // samples for r in rows])[:, -1]  # (B, C)
                 toks = draw(rows, model.lm_head(h).float())
                 pos = [q + 1 for q in pos]
+                phase, tokens = "decode", len(rows)
+            if stats is not None:
+                stats[phase + "_s"] = stats.get(phase + "_s", 0.0) + time.perf_counter() - t0
+                stats[phase + "_tokens"] = stats.get(phase + "_tokens", 0) + tokens
             done = [s for s, tok in zip(busy, toks) if record(s, tok)]
             for s in sorted(done, reverse=True):  # free the slot: the last busy slot moves into the hole
                 b = len(rows) - 1

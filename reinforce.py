@@ -55,7 +55,7 @@ def get_args(argv=None):
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
     g.add_argument("--out", required=True, help="run directory (experts, metrics, checkpoint)")
     g.add_argument("--targets", default="mlp", choices=["mlp", "attn", "all"], help="matrices SVF adapts (paper: mlp)")
-    g.add_argument("--layers", default=None, help="layer subset: 'half' or comma-separated indices (default: all)")
+    g.add_argument("--layers", default=None, help="layer subset: 'half' (every other), 'top' (upper half) or comma-separated indices (default: all)")
     g.add_argument("--parametrization", default="sigmoid", choices=["sigmoid", "raw"], help="z = sigmoid(θ) (official) or z = θ")
     g = p.add_argument_group("optimisation (defaults: paper, Table 6)")
     g.add_argument("--steps", type=int, default=100, help="number of updates")
@@ -162,17 +162,18 @@ def kl_per_token(logp, ref_logp, direction):
     return (ref_logp.exp() * (ref_logp - logp)).sum(-1)
 
 
-def policy_loss(model, theta, prompt_ids, comp_ids, weights, B, args, chunk=512, embed=None):
+def policy_loss(model, theta, prompt_ids, comp_ids, weights, B, args, chunk=512, embed=None, share=True):
     """Policy-gradient + KL loss of one micro-batch, divided by the global batch B:
     (-Σ_t log π′(y_t)·w + λ·KL) / B. Returns (loss, pg, kl); the caller runs backward.
-    Answers to the same prompt share that prompt's forward (generate.completion_hidden)."""
+    Answers to the same prompt share that prompt's forward (generate.completion_hidden; share=False
+    runs one prompt forward per answer, for the benchmark)."""
     if args.kl_coef > 0:  # the base policy at the same positions (no grad, exact base weights)
         svf.set_z(model, None)
         with torch.no_grad():
-            h_ref = completion_hidden(model, prompt_ids, comp_ids, embed)[0]
+            h_ref = completion_hidden(model, prompt_ids, comp_ids, embed, share)[0]
     zs = {n: svf.theta_to_z(t, args.parametrization) for n, t in theta.items()}
     svf.set_z(model, zs)
-    h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids, embed)
+    h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids, embed, share)
     w = torch.tensor(weights, dtype=torch.float32, device=h.device)[row]
     pg, kl = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float32)
     for s in range(0, len(targets), chunk):  # chunks keep tokens × vocab logits small

@@ -36,13 +36,18 @@ KINDS["all"] = KINDS["attn"] + KINDS["mlp"]  # module order inside a block
 
 
 def parse_layers(layers, n_layers):
-    """None / "all" -> every layer; "half" -> every other layer; "0,3,5" or [0, 3, 5] -> those."""
+    """None / "all" -> every layer; "half" -> every other layer; "top" -> the upper half;
+    "0,3,5" or [0, 3, 5] -> those."""
     if layers is None or layers == "all":
         return list(range(n_layers))
     if layers == "half":
         # The paper adapts "half of the layers" for Llama-3-70B and the VLM without saying which.
         # We take every other layer so the adaptation still spans the whole depth (a guess).
         return list(range(0, n_layers, 2))
+    if layers == "top":
+        # The upper half: the frozen lower half then runs without autograd, so the backward
+        # stops at the middle of the network (about half the backward time).
+        return list(range(n_layers // 2, n_layers))
     if isinstance(layers, str):
         layers = [int(s) for s in layers.split(",") if s.strip()]
     bad = [i for i in layers if not 0 <= i < n_layers]

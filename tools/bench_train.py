@@ -1,18 +1,23 @@
-"""Benchmark one REINFORCE update of reinforce.py: rollouts and the policy-gradient step.
+"""Benchmark the RL workload of one REINFORCE update: where the rollouts per hour go.
 
-For one model and task (greedy rollouts, the official setting), on the same prompts:
-  - rollout tokens/s: the prompts generated as one batch vs one by one (same tokens: greedy);
-  - seconds and peak memory of the backward step (loss_on over micro-batches, SVF factored
-    path, gradients only into θ), with and without the KL term (which adds a base-model pass);
-  - seconds per whole update = rollout (batched) + backward step.
-Peak memory is measured as svf.py's benchmark does (torch allocator events on CPU, the
-allocator's counters on CUDA), above what the loaded model already holds. Run it on an idle
-machine: two jobs sharing two cores make the numbers meaningless.
+The workload (issue: rollout engine): --questions GSM8K training questions × --samples answers
+sampled at --temperature, ≤ --max-new-tokens each, generated four ways on the same prompts:
+  (a) static batches, the loop main had before the engine: --static-batch rows at a time, every
+      sample prefilled on its own, finished rows stepping until the batch's longest answer ends;
+  (b) transformers `generate` (eager, same weights, same sampling settings, top_k off), one batch
+      of all rows (num_return_sequences = samples): its best case, the decode ceiling's batch size;
+  (c) generate.py's engine: --slots rows kept busy, each question prefilled once for its samples;
+  (d) the pure-decode ceiling: decode steps of --slots rows, nothing else.
+Then the backward of the update on the engine's answers (leave-one-out weights, as `make train`):
+its time with and without the shared prompt forward (generate.completion_hidden), and with SVF on
+the top half of the layers vs all of them; and the update's time split (prefill / decode /
+backward) and rollouts per hour. Run it alone on the machine (2 jobs on 2 cores distort everything).
 
-    make bench-train                                    # SmolLM2 and Qwen-0.5B, GSM8K, 8 prompts
-    python tools/bench_train.py --model checkpoints/qwen2.5-coder-0.5b-instruct --prompts 8 --max-new-tokens 128
+    make bench-train      # Qwen2.5-Coder-0.5B, 16 questions x 4 samples, T=0.7, <= 256 tokens, 64 slots
+    python tools/bench_train.py --model checkpoints/qwen2.5-coder-0.5b-instruct --questions 16 --samples 4
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,71 +29,166 @@ import reinforce  # noqa: E402
 import svd_cache  # noqa: E402
 import svf  # noqa: E402
 from evals import get_task, render_prompt  # noqa: E402
-from generate import Tokenizer  # noqa: E402
-from model import Transformer  # noqa: E402
+from generate import StopStrings, Tokenizer, generate, right_pad, sample  # noqa: E402
+from model import KVCache, Transformer  # noqa: E402
+
+
+@torch.inference_mode()
+def static_generate(model, tok, seqs, max_new, temperature, seed, stop):
+    """The static-batch loop (before the engine): prefill every row, then step all rows until the
+    last one ends; a finished row keeps stepping. Returns (generated tokens, row-steps computed)."""
+    ids, lens = right_pad(seqs, tok.pad_id, "cpu")
+    B = len(seqs)
+    cache = KVCache(model.config, B, ids.size(1) + max_new, next(model.parameters()).dtype, "cpu")
+    logits = model.lm_head(model.hidden(ids, None, cache)[torch.arange(B), lens - 1]).float()
+    pos, g, stops = lens.clone(), torch.Generator().manual_seed(seed), StopStrings(tok, stop)
+    out, done, steps = [[] for _ in range(B)], [False] * B, 0
+    for _ in range(max_new):
+        nxt = sample(logits, temperature, 1.0, torch.rand(B, generator=g)).tolist()
+        for i, t in enumerate(nxt):
+            if not done[i]:
+                out[i].append(t)
+                done[i] = t in tok.eos_ids or stops(out[i]) is not None
+        if all(done):
+            break
+        logits = model.lm_head(model.hidden(torch.tensor(nxt)[:, None], pos[:, None], cache)[:, -1]).float()
+        pos += 1
+        steps += B
+    return sum(map(len, out)), steps
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    r = fn()
+    return r, time.perf_counter() - t0
 
 
 def bench(args):
     task = get_task(args.task)
     model = Transformer.from_pretrained(args.model)
     tok = Tokenizer.from_pretrained(args.model)
-    cache = svd_cache.load(model)
-    svf.attach(model, cache)
-    theta = {n: t.requires_grad_(True) for n, t in svf.init_theta(cache).items()}
-    items = task.load("train")[:args.prompts]
-    prompts = [render_prompt(tok, task, it) for it in items]
-    ra = reinforce.get_args(["--task", args.task, "--out", "/dev/null", "--max-new-tokens", str(args.max_new_tokens),
-                             "--rollout-batch", str(args.prompts), "--micro-batch", str(args.micro_batch)])
-    ra.max_new_tokens = args.max_new_tokens
-    name = Path(args.model).name
-    print(f"{name} | {args.task} | {args.prompts} prompts x <= {args.max_new_tokens} new tokens | "
-          f"threads {torch.get_num_threads()} | fp32 | {len(theta)} SVF matrices")
+    items = task.load("train")[:args.questions]
+    prompts = [tok.encode(render_prompt(tok, task, it)) for it in items]
+    R = len(items) * args.samples
+    stop = list(task.stop) or None
+    print(f"{Path(args.model).name} | {args.task} train | {len(items)} questions x {args.samples} samples = {R} rollouts | "
+          f"T={args.temperature} | <= {args.max_new_tokens} new tokens | threads {torch.get_num_threads()} | fp32")
+    res = {}
 
-    t0 = time.time()
-    comp, correct = reinforce.rollout(model, tok, task, items, prompts, theta, cache, ra, seed=0)
-    t_batch = time.time() - t0
-    n_tok = sum(len(c) for c in comp)
-    one = reinforce.argparse.Namespace(**{**vars(ra), "rollout_batch": 1})
-    t0 = time.time()
-    comp1, _ = reinforce.rollout(model, tok, task, items, prompts, theta, cache, one, seed=0)
-    t_one = time.time() - t0
-    same = comp1 == comp
-    print(f"rollout  batched {n_tok / t_batch:6.1f} tok/s ({t_batch:.1f} s) | one by one {sum(map(len, comp1)) / t_one:6.1f} tok/s "
-          f"({t_one:.1f} s) | batched/one-by-one {t_one / t_batch:.2f}x | identical greedy tokens: {same}")
+    # (c) the engine
+    stats = {}
+    g, t = timed(lambda: generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  seed=0, stop=stop, samples=args.samples, slots=args.slots, stats=stats))
+    n_tok = sum(map(len, g.ids))
+    res["engine"] = dict(seconds=t, tokens=n_tok, tok_s=n_tok / t, cut=sum(g.cut), **stats)
+    print(f"(c) engine, {args.slots} slots: {n_tok} tokens in {t:.1f} s = {n_tok / t:.1f} tok/s | prefill "
+          f"{stats['prefill_tokens']} tokens {stats['prefill_s']:.1f} s | decode {stats['decode_s']:.1f} s | "
+          f"cut {sum(g.cut)}/{R}", flush=True)
 
-    prompt_ids = [tok.encode(p) for p in prompts]
-    rewards = [task.reward(c) for c in correct]
-    for kl in (0.0, 0.1):
-        ra.kl_coef = kl
+    # (a) static batches of --static-batch rows, each sample its own row and prefill
+    rows = [p for p in prompts for _ in range(args.samples)]
+    t0, n_a, steps = time.perf_counter(), 0, 0
+    for s in range(0, R, args.static_batch):
+        a, b = static_generate(model, tok, rows[s:s + args.static_batch], args.max_new_tokens, args.temperature, s, stop)
+        n_a, steps = n_a + a, steps + b
+    t = time.perf_counter() - t0
+    res["static"] = dict(seconds=t, tokens=n_a, tok_s=n_a / t, row_steps=steps)
+    print(f"(a) static batches of {args.static_batch}: {n_a} tokens in {t:.1f} s = {n_a / t:.1f} tok/s "
+          f"({steps} row-steps computed for {n_a} tokens kept)", flush=True)
 
-        def step():
-            for t in theta.values():
-                t.grad = None
-            for s in range(0, len(items), args.micro_batch):
-                sl = slice(s, s + args.micro_batch)
-                reinforce.loss_on(model, theta, prompt_ids[sl], comp[sl], rewards[sl], len(items), ra)
+    # (b) transformers generate, one batch of all rows
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="eager").eval()
+    T = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts])          # left-padded, as HF expects
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        out, t = timed(lambda: hf.generate(ids, attention_mask=mask, do_sample=True, temperature=args.temperature,
+                                           top_k=0, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                                           num_return_sequences=args.samples, pad_token_id=tok.pad_id,
+                                           eos_token_id=tok.eos_ids))
+    gen = out[:, T:]
+    n_b = sum(int(next((j + 1 for j, x in enumerate(r.tolist()) if x in tok.eos_ids), len(r))) for r in gen)
+    res["transformers"] = dict(seconds=t, tokens=n_b, tok_s=n_b / t)
+    print(f"(b) transformers generate, one batch of {R}: {n_b} tokens in {t:.1f} s = {n_b / t:.1f} tok/s", flush=True)
+    hf = None  # free its memory before the backward runs
+
+    # (d) the decode ceiling at the same number of slots
+    B = min(args.slots, R)
+    ctx = T + args.max_new_tokens // 2  # a mid-answer context length
+    cache = KVCache(model.config, B, ctx + args.decode_steps + 1, torch.float32, "cpu")
+    with torch.inference_mode():
+        model.hidden(torch.randint(100, 1000, (B, ctx)), None, cache)
+        x = torch.randint(100, 1000, (B, 1))
+
+        def steps():
+            for i in range(args.decode_steps):
+                model.lm_head(model.hidden(x, torch.full((B, 1), ctx + i), cache)[:, -1])
+        _, t = timed(steps)
+    res["ceiling"] = dict(tok_s=B * args.decode_steps / t, batch=B, context=ctx)
+    print(f"(d) pure decode, batch {B}, context {ctx}: {B * args.decode_steps / t:.1f} tok/s", flush=True)
+
+    # the backward of the update on the engine's answers
+    e, a, b, c = (res[k]["tok_s"] for k in ("engine", "static", "transformers", "ceiling"))
+    print(f"engine / static {e / a:.2f}x | engine / transformers {e / b:.2f}x | engine / ceiling {e / c:.0%}")
+    correct = task.check([it for it in items for _ in range(args.samples)], g.texts)
+    weights = reinforce.advantages([task.reward(x) for x in correct], args.samples, "loo")
+    ra = reinforce.get_args(["--task", args.task, "--out", "/dev/null", "--kl-coef", "0"])
+    prompt_ids = [p for p in prompts for _ in range(args.samples)]
+
+    def backward(layers, share, rows):
+        svf.detach(model)
+        cache = svd_cache.load(model, "mlp", layers=layers)
+        svf.attach(model, cache)
+        theta = {n: t.requires_grad_(True) for n, t in svf.init_theta(cache).items()}
+        ra.parametrization = "sigmoid"
+
+        def run():
+            for mb in reinforce.micro_batches(rows, args.samples, args.micro_batch):
+                loss = reinforce.policy_loss(model, theta, [prompt_ids[r] for r in mb], [g.ids[r] for r in mb],
+                                             [weights[r] for r in mb], R, ra, share=share)[0]
+                loss.backward()
             svf.set_z(model, None)
+        return timed(run)[1]
 
-        t0 = time.time()
-        step()
-        t_step = time.time() - t0
-        peak = svf.peak_memory(step) if args.memory else float("nan")  # a second run, under the profiler
-        print(f"backward step (kl {kl}) {t_step:6.1f} s, peak {peak / 2**20:7.0f} MiB over the model | "
-              f"update = rollout + step = {t_batch + t_step:.1f} s")
+    sub = list(range(min(R, args.backward_questions * args.samples)))  # a fixed subset, all rows
+    t_shared = backward(None, True, sub)
+    t_alone = backward(None, False, sub)
+    t_top = backward("top", True, sub)
+    print(f"backward, {len(sub)} rollouts ({args.backward_questions} questions), all layers: shared prompt "
+          f"{t_shared:.1f} s vs one prompt forward per answer {t_alone:.1f} s = {t_alone / t_shared:.2f}x | "
+          f"SVF on the top half of the layers {t_top:.1f} s = {t_shared / t_top:.2f}x faster than all")
+    live = [r for r in range(R) if weights[r] != 0]
+    t_back = backward(None, True, live)
+    t_update = res["engine"]["seconds"] + t_back
+    res["backward"] = dict(shared=t_shared, unshared=t_alone, top_half=t_top, rows=len(sub), update_rows=len(live),
+                           update_backward=t_back)
+    res["update"] = dict(seconds=t_update, rollouts_per_hour=R / t_update * 3600)
+    print(f"one update: rollouts {res['engine']['seconds']:.0f} s (prefill {stats['prefill_s']:.0f} s, decode "
+          f"{stats['decode_s']:.0f} s) + backward {t_back:.0f} s on the {len(live)} rollouts with a non-zero "
+          f"leave-one-out weight = {t_update:.0f} s ({t_update / 60:.1f} min) | {R / t_update * 3600:.0f} rollouts per hour")
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
+    p.add_argument("--model", default="checkpoints/qwen2.5-coder-0.5b-instruct")
     p.add_argument("--task", default="gsm8k")
-    p.add_argument("--prompts", type=int, default=8, help="rollouts in the update")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the profiler (it adds time)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--questions", type=int, default=16)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--slots", type=int, default=64, help="engine slots (and the ceiling's batch)")
+    p.add_argument("--static-batch", type=int, default=16, help="(a): rows per static batch (make train's old recipe: 16)")
+    p.add_argument("--decode-steps", type=int, default=16, help="(d): steps timed")
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--backward-questions", type=int, default=4, help="questions (all samples) in the backward comparison")
+    p.add_argument("--out", default=None, help="write the numbers as JSON")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     bench(args)
 
 
