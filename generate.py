@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 from model import KVCache, Transformer, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -181,7 +182,8 @@ def score(model, prompts, completions, chunk=1024):
 # CLI
 
 def chat(args):
-    model = Transformer.from_pretrained(args.model)
+    device, dtype = cli.device_and_dtype(args)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(args.model)
     prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     t0 = time.time()
@@ -200,6 +202,7 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    cli.add_device_args(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    chat(args)
+    cli.run(chat, args)

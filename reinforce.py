@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 import svd_cache
 import svf
 import vlm
@@ -54,7 +55,7 @@ def get_args(argv=None):
     g.add_argument("--task", required=True, help=f"training task: {', '.join(TASKS)}")
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
     g.add_argument("--out", required=True, help="run directory (experts, metrics, checkpoint)")
-    g.add_argument("--targets", default="mlp", choices=["mlp", "attn", "all"], help="matrices SVF adapts (paper: mlp)")
+    g.add_argument("--targets", default="mlp", choices=sorted(svd_cache.KINDS), help=svd_cache.TARGETS_HELP)
     g.add_argument("--layers", default=None, help="layer subset: 'half' or comma-separated indices (default: all)")
     g.add_argument("--parametrization", default="sigmoid", choices=["sigmoid", "raw"], help="z = sigmoid(θ) (official) or z = θ")
     g = p.add_argument_group("optimisation (defaults: paper, Table 6)")
@@ -86,6 +87,7 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    cli.add_device_args(p)
     return p.parse_args(argv)
 
 
@@ -97,9 +99,8 @@ def world():
 
 
 def all_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+    """Sum over ranks in place (CPU tensors included: cli.all_reduce takes them through the GPU under NCCL)."""
+    return cli.all_reduce(t)
 
 
 # -----------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def loss_on(model, theta, prompt_ids, comp_ids, rewards, B, args, chunk=512, emb
     zs = {n: svf.theta_to_z(t, args.parametrization) for n, t in theta.items()}
     svf.set_z(model, zs)
     h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids, embed)
-    r = torch.tensor(rewards, dtype=torch.float32)[row]
+    r = torch.tensor(rewards, dtype=torch.float32, device=h.device)[row]  # row lives on the model's device
     pg, kl = h.new_zeros(()), h.new_zeros(())
     for s in range(0, len(targets), chunk):  # chunks keep tokens × vocab logits small
         logp = model.lm_head(h[s:s + chunk]).float().log_softmax(-1)
@@ -240,8 +241,7 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)  # unknown task -> ValueError listing the known ones
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    cli.init_distributed()
     rank, ws = world()
     if args.batch_size % ws:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {ws} ranks")
@@ -250,14 +250,14 @@ def main(args):
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
 
     vision = None
     if vlm.is_vlm(args.model):  # LLaVA: SVF adapts its language model; images ride in the prompts
-        llava, tok, pre = vlm.load(args.model, device=device)
+        llava, tok, pre = vlm.load(args.model, device=device, dtype=dtype)
         model, vision = llava.language_model, (llava, pre)
     else:
-        model = Transformer.from_pretrained(args.model, device=device)
+        model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         tok = Tokenizer.from_pretrained(args.model)
     if task.images != (vision is not None):
         raise ValueError(f"task {args.task} needs a {'LLaVA' if task.images else 'text'} checkpoint; {args.model} is "
@@ -283,7 +283,7 @@ def main(args):
     st = {"step": 0, "metrics": [], "best": -1.0, "since_best": 0}
     ckpt = out / "state.pt"
     if args.resume and ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")  # θ and Adam state move to `device` below
         # settings added after a checkpoint was written compare equal when left at their default (None)
         if st["hparams"] != {k: v for k, v in hparams.items() if k in st["hparams"] or v is not None}:
             raise ValueError(f"{ckpt}: was written with other settings {st['hparams']}, not {hparams}")
@@ -391,4 +391,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    cli.run(main, get_args())

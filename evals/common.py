@@ -59,8 +59,15 @@ def read_olmo_docs(task_dir: str, key: str) -> list[dict] | None:
 
 def read_jsonl(path) -> list[dict]:
     opener = gzip.open if str(path).endswith(".gz") else open
+    rows = []
     with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {i} is not JSON ({e.msg}); expected one JSON object per line") from None
+    return rows
 
 
 def read_correct(path) -> dict[str, bool]:
@@ -68,7 +75,7 @@ def read_correct(path) -> dict[str, bool]:
     verdicts = {}
     for row in read_jsonl(path):
         if "correct" not in row:
-            raise SystemExit(f"{path}: a line has no 'correct' field (not a scored per-item file)")
+            raise ValueError(f"{path}: a line has no 'correct' field (not a scored per-item file)")
         verdicts.setdefault(json.dumps(row["id"]), bool(row["correct"]))
     return verdicts
 
