@@ -15,15 +15,17 @@ carries its member's z (svf.set_z with (B, r) vectors), so 32 members × 10 shot
 generation call instead of 32. The best α is then reported on the remaining N − shots items
 against the base model and uniform α (paired McNemar tests), and saved as JSON + an expert file.
 
-    make cem TASK=math
-    python cem.py --task math --experts runs/math/best.safetensors runs/code/best.safetensors \\
-        runs/reasoning/best.safetensors --shots 10 --generations 100
+The Σσ rescale follows the experts' own flag (metadata "rescale"; svf.load_experts refuses a set
+that mixes flags), in the search and in the report, as dispatch.py does.
+
+    make cem TASK=math          # the shipped experts/qwen2.5-coder-0.5b-instruct/{math,code,reasoning}
+    python cem.py --task math --model checkpoints/qwen2.5-coder-0.5b-instruct \\
+        --experts experts/qwen2.5-coder-0.5b-instruct/{math,code,reasoning}.safetensors --shots 10 --generations 100
     python cem.py ... --light          # the paper's light variant: 3 shots, 10 generations
     torchrun --nproc_per_node=2 cem.py ...   # population sharded over ranks
 """
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import svd_cache
+import cli
 import svf
 from evals import TASKS, get_task
 from evals.common import fmt_acc, mcnemar, render_prompt, write_jsonl
@@ -43,9 +45,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to adapt")
     g.add_argument("--task", required=True, help=f"target task: {', '.join(TASKS)}")
-    g.add_argument("--experts", nargs="+", default=None,
-                   help="expert files (reinforce.py best.safetensors; default: the math, code and reasoning "
-                        "experts `make train` wrote under runs/)")
+    g.add_argument("--experts", nargs="+", required=True, metavar="FILE",
+                   help="expert files of one base model (`make cem` passes the shipped experts/ files)")
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
     g.add_argument("--split", default="test", help="--shots items drawn at random (seeded) adapt, the rest report")
     g.add_argument("--limit", type=int, default=None,
@@ -67,6 +68,7 @@ def get_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--bench", action="store_true", help="time one generation batched vs member by member, then exit")
+    cli.add_device_args(p)
     args = p.parse_args(argv)
     if args.light:
         args.shots, args.generations = 3, 10
@@ -92,14 +94,14 @@ def population_fitness(model, tok, task, shots, experts, alphas, args):
     correct, answers = {}, {}
     for i in range(0, len(rows), args.batch_size):
         chunk = rows[i:i + args.batch_size]
-        svf.set_z(model, {n: torch.stack([mixes[m][n] for m, _ in chunk]) for n in mixes[0]})  # (B, r) each
+        svf.set_z(model, {n: torch.stack([mixes[m][n] for m, _ in chunk]) for n in mixes[0]}, args.rescale)  # (B, r)
         ids, texts = generate(model, tok, [prompts[s] for _, s in chunk], max_new_tokens=args.max_new_tokens,
                               stop=list(task.stop))
         ok = task.check([shots[s] for _, s in chunk], texts)
         # tie-break: log-likelihood of the member's own correct answers under its own z
         right = [j for j, c in enumerate(ok) if c]
         if right:
-            svf.set_z(model, {n: torch.stack([mixes[chunk[j][0]][n] for j in right]) for n in mixes[0]})
+            svf.set_z(model, {n: torch.stack([mixes[chunk[j][0]][n] for j in right]) for n in mixes[0]}, args.rescale)
             with torch.no_grad():
                 _, tok_lp, mask = score(model, [tok.encode(prompts[chunk[j][1]]) for j in right],
                                         [ids[j] for j in right])
@@ -123,9 +125,9 @@ def sharded_fitness(model, tok, task, shots, experts, alphas, args):
     if mine:
         a, l = population_fitness(model, tok, task, shots, experts, alphas[mine], args)
         acc[mine], ll[mine] = a, l
-    if dist.is_initialized():  # members not scored here stay 0 / -inf, so max-reduce gathers them
-        dist.all_reduce(acc, op=dist.ReduceOp.MAX)
-        dist.all_reduce(ll, op=dist.ReduceOp.MAX)
+    # members not scored here stay 0 / -inf, so a max-reduce gathers them (via the GPU under NCCL)
+    cli.all_reduce(acc, op=dist.ReduceOp.MAX)
+    cli.all_reduce(ll, op=dist.ReduceOp.MAX)
     return acc, ll
 
 
@@ -167,7 +169,7 @@ def answer_all(model, tok, task, items, zs, args):
     prompts = [render_prompt(tok, task, it) for it in items]
     out = []
     svf.set_z(model, None)
-    ctx = svf.merged(model, zs) if zs is not None else torch.no_grad()
+    ctx = svf.merged(model, zs, rescale=args.rescale) if zs is not None else torch.no_grad()
     with ctx:
         for i in tqdm(range(0, len(items), args.batch_size), desc="report", leave=False):
             _, texts = generate(model, tok, prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
@@ -194,25 +196,15 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    cli.init_distributed()
     rank, _ = world()
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    if not args.experts:  # the three experts of `make train`, before minutes of model loading
-        found = {c: svf.find_expert(p) for c, p in svf.EXPERT_RUNS.items()}
-        if None in found.values():
-            raise SystemExit(f"cem: no {[c for c, f in found.items() if f is None]} expert under runs/ "
-                             f"({', '.join(svf.EXPERT_RUNS.values())}); train them or pass --experts FILE ...")
-    model = Transformer.from_pretrained(args.model)
+    experts = [svf.Expert.load(p) for p in args.experts]  # a missing or corrupt file fails before the model loads
+    device, dtype = cli.device_and_dtype(args)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(args.model)
-    if not args.experts:  # now the ones trained on this base model, if runs/ holds several models'
-        fp = svd_cache.model_fingerprint(model)
-        args.experts = [svf.find_expert(p, fp) for p in svf.EXPERT_RUNS.values()]
-    experts = [svf.Expert.load(p) for p in args.experts]
-    cache = svd_cache.load(model, names=list(experts[0].theta))
-    for e in experts:
-        e.check(model, cache)
-    svf.attach(model, cache)
+    experts, cache = svf.load_experts(model, experts)
+    args.rescale = experts[0].rescale  # one rule: the experts' flag (a mix was refused above)
     items = task.load(args.split)
     # shots: a seeded random draw from the whole split; report: the split in file order without them,
     # so `--limit N` reports on the same first-N items as `python -m evals` / dispatch.py (pairable)
@@ -273,7 +265,7 @@ def bench(model, tok, task, shots, experts, shape, args):
     batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     for a in pop:  # the official way: merge each member's weights, then answer the shots
-        with svf.merged(model, svf.mix(experts, a, args.mode)):
+        with svf.merged(model, svf.mix(experts, a, args.mode), rescale=args.rescale):
             _, texts = generate(model, tok, [render_prompt(tok, task, it) for it in shots],
                                 max_new_tokens=args.max_new_tokens, stop=list(task.stop))
     single = time.perf_counter() - t0
@@ -283,4 +275,4 @@ def bench(model, tok, task, shots, experts, shape, args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    cli.run(main, get_args())
