@@ -196,11 +196,11 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    cli.init_distributed()
+    device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
+    cli.init_distributed(device)
     rank, _ = world()
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     experts = [svf.Expert.load(p) for p in args.experts]  # a missing or corrupt file fails before the model loads
-    device, dtype = cli.device_and_dtype(args)
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(args.model)
     experts, cache = svf.load_experts(model, experts)

@@ -46,10 +46,11 @@ def device_and_dtype(args):
     return device, dtype
 
 
-def init_distributed():
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, else gloo."""
+def init_distributed(device):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL when this rank runs
+    on a GPU, gloo on the CPU (also on a GPU machine with --device cpu)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def all_reduce(t, op=dist.ReduceOp.SUM):

@@ -241,7 +241,8 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)  # unknown task -> ValueError listing the known ones
-    cli.init_distributed()
+    device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
+    cli.init_distributed(device)
     rank, ws = world()
     if args.batch_size % ws:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {ws} ranks")
@@ -250,7 +251,6 @@ def main(args):
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
 
     vision = None
     if vlm.is_vlm(args.model):  # LLaVA: SVF adapts its language model; images ride in the prompts

@@ -140,7 +140,8 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
         paths.append(str(tmp_path / f"e{i}.safetensors"))
         e.save(paths[-1])
     common = ["--task", "parity", "--model", str(tiny_dir), "--experts", *paths, "--shots", "4", "--limit", "8",
-              "--generations", "2", "--population", "6", "--elites", "3", "--max-new-tokens", "5", "--threads", "1"]
+              "--generations", "2", "--population", "6", "--elites", "3", "--max-new-tokens", "5", "--threads", "1",
+              "--device", "cpu"]  # gloo on the CPU, also on a GPU machine
     subprocess.run([sys.executable, __file__, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",
