@@ -69,16 +69,32 @@ train: setup
 	$(MAKE) --no-print-directory model MODEL=$(TM)
 	$(PY) reinforce.py --task $(TASK) --model $(CKPT_$(TM)) --out runs/$(TASK)-$(TM) $(RECIPE_$(TASK)) $(ARGS)
 
-# cem / dispatch: the model the experts were trained on (MODEL=... overrides), experts from runs/
+# cem / dispatch: the model the experts were trained on (MODEL=... overrides) and expert files named
+# explicitly; nothing is discovered under runs/. Default: the shipped experts of that model,
+# experts/<model>/{math,code,reasoning,cls}.safetensors. One rule for which file of a run is "the"
+# expert: best.safetensors, the best-validation checkpoint (the paper's early stopping), never
+# last.safetensors (kept by reinforce.py only to resume and inspect). To use your own runs:
+#   make dispatch EXPERT_DIR=mine   with mine/{math,code,reasoning,cls}.safetensors copied from
+#   runs/{gsm8k,mbpp,arc_easy_direct,cls}-MODEL/best.safetensors (the tasks below).
 XM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(EXPERT_MODEL))
+EXPERT_DIR ?= experts/$(notdir $(CKPT_$(XM)))
+# a missing expert file: one line that names it and says how to get it (checked before anything installs)
+experts-%:
+	@for c in $(subst +, ,$*); do f=$(EXPERT_DIR)/$$c.safetensors; test -f $$f || { \
+	    t=$$(case $$c in math) echo gsm8k;; code) echo mbpp;; reasoning) echo arc_easy_direct;; *) echo $$c;; esac); \
+	    echo "error: $$f: missing; train it with \`make train TASK=$$t\` and copy runs/$$t-$(XM)/best.safetensors there"; \
+	    exit 2; }; done
 
-cem: setup
+cem: experts-math+code+reasoning setup
 	$(MAKE) --no-print-directory model MODEL=$(XM)
-	$(PY) cem.py --task $(TASK) --model $(CKPT_$(XM)) $(ARGS)
+	$(PY) cem.py --task $(TASK) --model $(CKPT_$(XM)) \
+	    --experts $(EXPERT_DIR)/math.safetensors $(EXPERT_DIR)/code.safetensors $(EXPERT_DIR)/reasoning.safetensors $(ARGS)
 
-dispatch: setup
+dispatch: experts-math+code+reasoning+cls setup
 	$(MAKE) --no-print-directory model MODEL=$(XM)
-	$(PY) dispatch.py --model $(CKPT_$(XM)) $(ARGS)
+	$(PY) dispatch.py --model $(CKPT_$(XM)) --experts math=$(EXPERT_DIR)/math.safetensors \
+	    code=$(EXPERT_DIR)/code.safetensors reasoning=$(EXPERT_DIR)/reasoning.safetensors \
+	    --cls-expert $(EXPERT_DIR)/cls.safetensors $(ARGS)
 
 clean-venv:
 	rm -rf .venv

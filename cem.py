@@ -15,22 +15,24 @@ carries its member's z (svf.set_z with (B, r) vectors), so 32 members × 10 shot
 generation call instead of 32. The best α is then reported on the remaining N − shots items
 against the base model and uniform α (paired McNemar tests), and saved as JSON + an expert file.
 
-    make cem TASK=math
-    python cem.py --task math --experts runs/math/best.safetensors runs/code/best.safetensors \\
-        runs/reasoning/best.safetensors --shots 10 --generations 100
+The Σσ rescale follows the experts' own flag (metadata "rescale"; svf.load_experts refuses a set
+that mixes flags), in the search and in the report, as dispatch.py does.
+
+    make cem TASK=math          # the shipped experts/qwen2.5-coder-0.5b-instruct/{math,code,reasoning}
+    python cem.py --task math --model checkpoints/qwen2.5-coder-0.5b-instruct \\
+        --experts experts/qwen2.5-coder-0.5b-instruct/{math,code,reasoning}.safetensors --shots 10 --generations 100
     python cem.py ... --light          # the paper's light variant: 3 shots, 10 generations
     torchrun --nproc_per_node=2 cem.py ...   # population sharded over ranks
 """
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-import svd_cache
+import cli
 import svf
 from evals import TASKS, get_task
 from evals.common import answer, fmt_acc, mcnemar, write_jsonl
@@ -42,9 +44,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to adapt")
     g.add_argument("--task", required=True, help=f"target task: {', '.join(TASKS)}")
-    g.add_argument("--experts", nargs="+", default=None,
-                   help="expert files (reinforce.py best.safetensors; default: the math, code and reasoning "
-                        "experts `make train` wrote under runs/)")
+    g.add_argument("--experts", nargs="+", required=True, metavar="FILE",
+                   help="expert files of one base model (`make cem` passes the shipped experts/ files)")
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
     g.add_argument("--split", default="test", help="--shots items drawn at random (seeded) adapt, the rest report")
     g.add_argument("--limit", type=int, default=None,
@@ -66,6 +67,7 @@ def get_args(argv=None):
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--bench", action="store_true", help="time one generation batched vs member by member, then exit")
+    cli.add_device_args(p)
     args = p.parse_args(argv)
     if args.light:
         args.shots, args.generations = 3, 10
@@ -89,7 +91,7 @@ def population_fitness(model, tok, task, shots, experts, alphas, args):
     rows = [(m, s) for m in range(len(alphas)) for s in range(len(shots))]
     zs = {n: torch.stack([mixes[m][n] for m, _ in rows]) for n in mixes[0]}  # (P·S, r) each
     records = answer(model, tok, task, [shots[s] for _, s in rows], max_new_tokens=args.max_new_tokens,
-                     slots=args.slots, zs=zs, rescale=experts[0].rescale)
+                     slots=args.slots, zs=zs, rescale=args.rescale)
     correct, answers = {}, {}
     for (m, _), r in zip(rows, records):
         correct[m] = correct.get(m, 0) + int(r["correct"])
@@ -97,7 +99,7 @@ def population_fitness(model, tok, task, shots, experts, alphas, args):
     right = [j for j, r in enumerate(records) if r["correct"]]
     for i in range(0, len(right), args.slots):
         chunk = right[i:i + args.slots]
-        svf.set_z(model, {n: z[chunk] for n, z in zs.items()}, experts[0].rescale)
+        svf.set_z(model, {n: z[chunk] for n, z in zs.items()}, args.rescale)
         with torch.no_grad():
             _, tok_lp, mask = score(model, [records[j]["prompt_ids"] for j in chunk], [records[j]["ids"] for j in chunk],
                                     share=False)  # one z per row: equal prompts have different keys/values
@@ -119,9 +121,9 @@ def sharded_fitness(model, tok, task, shots, experts, alphas, args):
     if mine:
         a, l = population_fitness(model, tok, task, shots, experts, alphas[mine], args)
         acc[mine], ll[mine] = a, l
-    if dist.is_initialized():  # members not scored here stay 0 / -inf, so max-reduce gathers them
-        dist.all_reduce(acc, op=dist.ReduceOp.MAX)
-        dist.all_reduce(ll, op=dist.ReduceOp.MAX)
+    # members not scored here stay 0 / -inf, so a max-reduce gathers them (via the GPU under NCCL)
+    cli.all_reduce(acc, op=dist.ReduceOp.MAX)
+    cli.all_reduce(ll, op=dist.ReduceOp.MAX)
     return acc, ll
 
 
@@ -158,10 +160,10 @@ def cem(fitness, shape, args, log=print):
 # -----------------------------------------------------------------------------
 # Reporting
 
-def answer_all(model, tok, task, items, zs, args, rescale=True):
+def answer_all(model, tok, task, items, zs, args):
     """Greedy correctness on `items` with z's merged (None = the base model)."""
     svf.set_z(model, None)
-    ctx = svf.merged(model, zs, rescale=rescale) if zs is not None else torch.no_grad()
+    ctx = svf.merged(model, zs, rescale=args.rescale) if zs is not None else torch.no_grad()
     with ctx:
         return [r["correct"] for r in answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots)]
 
@@ -184,25 +186,15 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
+    cli.init_distributed(device)
     rank, _ = world()
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
-    if not args.experts:  # the three experts of `make train`, before minutes of model loading
-        found = {c: svf.find_expert(p) for c, p in svf.EXPERT_RUNS.items()}
-        if None in found.values():
-            raise SystemExit(f"cem: no {[c for c, f in found.items() if f is None]} expert under runs/ "
-                             f"({', '.join(svf.EXPERT_RUNS.values())}); train them or pass --experts FILE ...")
-    model = Transformer.from_pretrained(args.model)
+    experts = [svf.Expert.load(p) for p in args.experts]  # a missing or corrupt file fails before the model loads
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(args.model)
-    if not args.experts:  # now the ones trained on this base model, if runs/ holds several models'
-        fp = svd_cache.model_fingerprint(model)
-        args.experts = [svf.find_expert(p, fp) for p in svf.EXPERT_RUNS.values()]
-    experts = [svf.Expert.load(p) for p in args.experts]
-    cache = svd_cache.load(model, names=list(experts[0].theta))
-    for e in experts:
-        e.check(model, cache)
-    svf.attach(model, cache)
+    experts, cache = svf.load_experts(model, experts)
+    args.rescale = experts[0].rescale  # one rule: the experts' flag (a mix was refused above)
     items = task.load(args.split)
     # shots: a seeded random draw from the whole split; report: the split in file order without them,
     # so `--limit N` reports on the same first-N items as `python -m evals` / dispatch.py (pairable)
@@ -239,7 +231,7 @@ def main(args):
     plot_alpha(out / "alpha.png", alpha, names)
     # report on the items CEM never saw: adapted vs base vs uniform α
     uniform = svf.mix(experts, torch.full(shape, 1.0 / K), args.mode)
-    res = {name: answer_all(model, tok, task, rest, zs_, args, experts[0].rescale)
+    res = {name: answer_all(model, tok, task, rest, zs_, args)
            for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]}
     for name, r in res.items():  # per item, for paired tests against other runs (python -m evals --compare)
         write_jsonl(out / f"{name}.jsonl", [{"id": it["id"], "correct": ok} for it, ok in zip(rest, r)])
@@ -263,7 +255,7 @@ def bench(model, tok, task, shots, experts, shape, args):
     batched = time.perf_counter() - t0
     t0 = time.perf_counter()
     for a in pop:  # the official way: merge each member's weights, then answer the shots
-        with svf.merged(model, svf.mix(experts, a, args.mode), rescale=experts[0].rescale):
+        with svf.merged(model, svf.mix(experts, a, args.mode), rescale=args.rescale):
             answer(model, tok, task, shots, max_new_tokens=args.max_new_tokens, slots=args.slots)
     single = time.perf_counter() - t0
     print(f"one generation, {args.population} members × {len(shots)} shots, {args.max_new_tokens} new tokens max: "
@@ -272,4 +264,4 @@ def bench(model, tok, task, shots, experts, shape, args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    cli.run(main, get_args())

@@ -7,8 +7,10 @@ Strategies for pass 1:
   cls       the same question, asked with the classification expert z^c merged
             (trained by `python reinforce.py --task cls`)
   fewshot   z′ = Σ_k α_k·z_k with α found by cem.py for the task (--alpha runs/cem-*/alpha.json)
-"other" answers with exactly the base weights, as the paper says. (The official code keeps
-whichever expert it loaded last, so "other" silently reuses a stale expert: a bug we fix.)
+"other" answers with exactly the base weights, as the paper says, in routed batches too (svf.set_z's
+base_rows). (The official code keeps whichever expert it loaded last, so "other" silently reuses a
+stale expert: a bug we fix.) All experts of one run share one Σσ rescale rule, their own flag: a set
+that mixes flags is refused (svf.load_experts).
 
 One prompt: merged weights, prints category, expert, answer and both passes' times:
     python dispatch.py "Write a function that reverses a linked list."
@@ -16,7 +18,11 @@ A whole task: accuracy (95% CI), dispatch confusion matrix (rows true, columns p
 pass-1 / pass-2 seconds (paper Table 3) and, with --compare-base, a McNemar test vs the base:
     python dispatch.py --task humaneval --strategy prompt --limit 20 --out runs/dispatch-humaneval
     python dispatch.py --task math --strategy prompt --classify-only --limit 30   # pass 1 only
-Experts default to runs/{gsm8k,mbpp,arc_easy_direct}-*/best.safetensors (`make train TASK=...`; svf.EXPERT_RUNS).
+Experts are always named explicitly (--experts math=F code=F reasoning=F, --cls-expert F); `make dispatch`
+passes the shipped experts/<model>/*.safetensors (the Makefile states which file is the default and why).
+    python dispatch.py --task math --experts math=experts/qwen2.5-coder-0.5b-instruct/math.safetensors \
+        code=experts/qwen2.5-coder-0.5b-instruct/code.safetensors \
+        reasoning=experts/qwen2.5-coder-0.5b-instruct/reasoning.safetensors --model checkpoints/qwen2.5-coder-0.5b-instruct
 """
 import argparse
 import json
@@ -27,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-import svd_cache
+import cli
 import svf
 from evals import get_task
 from evals.classify import CATEGORIES, cls_task, free_form
@@ -38,7 +44,7 @@ from model import Transformer
 TRUE_CATEGORY = {"math": "math", "gsm8k": "math", "humaneval": "code", "mbpp": "code",
                  "arc_easy": "reasoning", "arc_challenge": "reasoning",
                  "arc_easy_direct": "reasoning", "arc_challenge_direct": "reasoning"}
-DEFAULT_EXPERTS = svf.EXPERT_RUNS
+EXPERT_CATEGORIES = ("math", "code", "reasoning")  # pass 1's categories that have an expert ("other" has none)
 
 
 def get_args(argv=None):
@@ -52,8 +58,9 @@ def get_args(argv=None):
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
     g = p.add_argument_group("pass 1: choosing z′")
     g.add_argument("--strategy", default="prompt", choices=["prompt", "cls", "fewshot"])
-    g.add_argument("--experts", nargs="*", default=[], metavar="CAT=FILE", help="math=F code=F reasoning=F")
-    g.add_argument("--cls-expert", default="runs/cls-*/best.safetensors", help="strategy cls: z^c")
+    g.add_argument("--experts", nargs="*", default=[], metavar="CAT=FILE",
+                   help="math=F code=F reasoning=F (strategies prompt and cls; not needed with --classify-only)")
+    g.add_argument("--cls-expert", default=None, metavar="FILE", help="strategy cls: the classification expert z^c")
     g.add_argument("--alpha", default=None, help="strategy fewshot: cem.py's JSON (experts, alpha, mode)")
     g.add_argument("--classify-only", action="store_true", help="task: pass 1 only (dispatch accuracy)")
     g.add_argument("--free-form", action="store_true", help="pass 1 without the \\boxed{ prefill (evals/classify.py)")
@@ -63,43 +70,38 @@ def get_args(argv=None):
     g.add_argument("--compare-base", action="store_true", help="also answer with the base model (McNemar)")
     g.add_argument("--out", default=None, help="folder: items.jsonl, summary.json, confusion.png")
     g.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    return p.parse_args(argv)
+    cli.add_device_args(p)
+    args = p.parse_args(argv)
+    # flags that cannot work together are usage errors, before anything is loaded
+    if bool(args.prompt) == bool(args.task):
+        p.error("give either one prompt or --task NAME")
+    bad = [s for s in args.experts if "=" not in s or s.split("=", 1)[0] not in EXPERT_CATEGORIES]
+    if bad:
+        p.error(f"--experts takes CAT=FILE with CAT in {', '.join(EXPERT_CATEGORIES)}; got {bad[0]!r}")
+    args.experts = dict(s.split("=", 1) for s in args.experts)
+    if args.strategy == "fewshot" and not args.alpha:
+        p.error("--strategy fewshot needs --alpha FILE (cem.py's alpha.json)")
+    if args.strategy == "cls" and not args.cls_expert:
+        p.error("--strategy cls needs --cls-expert FILE (the classification expert: `make train TASK=cls`)")
+    missing = [c for c in EXPERT_CATEGORIES if c not in args.experts]
+    if args.strategy != "fewshot" and not args.classify_only and missing:
+        p.error(f"--experts lacks {', '.join(f'{c}=FILE' for c in missing)} (`make dispatch` passes the shipped "
+                f"experts/ files; --classify-only needs none)")
+    return args
 
 
 # -----------------------------------------------------------------------------
-# Experts: resolve files before the model is loaded, so a missing one costs nothing
+# Experts
 
-def find_expert(pattern, what, model_fp=None):
-    """svf.find_expert, or one line that says how to get the missing expert."""
-    path = svf.find_expert(pattern, model_fp)
-    if path is None:
-        raise SystemExit(f"dispatch: {what} expert not found: {pattern} (train it with reinforce.py, "
-                         f"or pass --experts math=FILE code=FILE reasoning=FILE / --cls-expert FILE)")
-    return path
-
-
-def expert_files(args):
-    """{category: pattern} of the experts this run needs (cheap existence check up front)."""
-    given = dict(s.split("=", 1) for s in args.experts)
-    unknown = set(given) - set(DEFAULT_EXPERTS)
-    if unknown:
-        raise SystemExit(f"dispatch: unknown expert category {sorted(unknown)} (known: math, code, reasoning)")
-    if args.strategy == "fewshot":
-        if not args.alpha or not Path(args.alpha).is_file():
-            raise SystemExit(f"dispatch: strategy fewshot needs --alpha FILE from cem.py (got {args.alpha})")
-        return {}
-    files = {} if args.classify_only else {c: given.get(c, DEFAULT_EXPERTS[c]) for c in DEFAULT_EXPERTS}
-    if args.strategy == "cls":
-        files["cls"] = args.cls_expert
-    for c, pattern in files.items():
-        find_expert(pattern, c)
-    return files
-
-
-def fewshot_z(alpha_file):
-    """z′ per matrix from cem.py's JSON: {"experts": [...], "alpha": ..., "mode": "z", "normalize": ...}."""
-    spec = json.loads(Path(alpha_file).read_text())
-    experts = [svf.Expert.load(find_expert(p, "fewshot")) for p in spec["experts"]]
+def fewshot_z(alpha_file, model):
+    """z′ per matrix from cem.py's JSON: {"experts": [...], "alpha": ..., "mode": "z", "normalize": ...};
+    returns (z′, the experts' shared rescale flag)."""
+    try:
+        spec = json.loads(Path(alpha_file).read_text())
+        files = spec["experts"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{alpha_file}: not cem.py's alpha.json ({type(e).__name__}: {e})") from None
+    experts, _ = svf.load_experts(model, files, factored=False)
     alpha = torch.tensor(spec["alpha"], dtype=torch.float32)
     alpha = alpha.reshape(len(experts)) if alpha.numel() == len(experts) else alpha  # (K,) or (K, n_matrices)
     if spec.get("normalize"):  # idempotent when cem.py already saved α normalised to sum 1
@@ -128,9 +130,8 @@ def adapted(model, category, experts):
 
 def row_zs(experts, categories, cache):
     """Batch routed to several experts: {name: (B, r)}, row b carrying its category's z with the
-    rescale already folded in (so set_z(..., rescale=False)). "other" rows get z = 1, for which
-    U·diag(σ)·Vh reproduces W up to float32 rounding of the factors (~1e-6 relative; SPEC §1),
-    not bit-exactly: that is the price of sharing one batch; the single-prompt path is exact."""
+    rescale already folded in (so set_z(..., rescale=False)). "other" rows get a placeholder z = 1:
+    answer() marks them base_rows, so they run on W itself, exactly as the single-prompt path."""
     out = {}
     for name in cache.names:
         S = cache[name][1]
@@ -141,9 +142,12 @@ def row_zs(experts, categories, cache):
 
 
 def pass2(model, tok, task, items, categories, experts, cache, args):
-    """Pass 2 for a task: one engine call whose rows may use different experts (svf.py's per-row z)."""
+    """Pass 2 for a task: one engine call whose rows may use different experts (svf.py's per-row z);
+    "other" rows run on the base weights W exactly (base_rows), not on its reconstruction."""
     zs = row_zs(experts, categories, cache) if experts else None
-    records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, zs=zs, rescale=False)
+    base = [c not in experts for c in categories] if experts else None
+    records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, zs=zs,
+                     rescale=False, base_rows=base)
     return [r["completion"] for r in records]
 
 
@@ -174,16 +178,23 @@ def plot_confusion(matrix, title, path):
 
 def main(args):
     torch.set_num_threads(args.threads)
-    if bool(args.prompt) == bool(args.task):
-        raise SystemExit("dispatch: give either one prompt or --task NAME")
     task = get_task(args.task) if args.task else None
-    files = expert_files(args)  # fails fast, before minutes of model loading
-    model = Transformer.from_pretrained(args.model)
+    # read the expert files before minutes of model loading: a missing or corrupt one fails now
+    routed = {} if args.strategy == "fewshot" or args.classify_only else \
+        {c: svf.Expert.load(args.experts[c]) for c in EXPERT_CATEGORIES}
+    cls_expert = svf.Expert.load(args.cls_expert) if args.strategy == "cls" else None
+    if args.strategy == "fewshot" and not Path(args.alpha).is_file():
+        raise FileNotFoundError(f"{args.alpha}: no such file (cem.py writes runs/cem-TASK/alpha.json)")
+    device, dtype = cli.device_and_dtype(args)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(args.model)
-    fp = svd_cache.model_fingerprint(model)
-    experts = {c: svf.Expert.load(find_expert(p, c, fp)) for c, p in files.items()}
-    cls_expert = experts.pop("cls", None)
-    mixed = fewshot_z(args.alpha) if args.strategy == "fewshot" else None
+    experts, cache = {}, None
+    if routed:  # one rescale rule, checked against the model; a task's routed batches need the factored layers
+        loaded, cache = svf.load_experts(model, list(routed.values()), factored=task is not None)
+        experts = dict(zip(routed, loaded))
+    if cls_expert is not None:
+        (cls_expert,), _ = svf.load_experts(model, [cls_expert], factored=False)
+    mixed = fewshot_z(args.alpha, model) if args.strategy == "fewshot" else None
     pass1 = free_form if args.free_form else cls_task
 
     if task is None:  # ---- one prompt: exact base or merged weights
@@ -230,14 +241,7 @@ def main(args):
         if mixed:  # one z′ for every row: merge it once (zero overhead)
             with svf.merged(model, mixed[0], rescale=mixed[1]):
                 texts = pass2(model, tok, task, items, pred, {}, None, args)
-        else:  # rows routed to different experts: the factored layers, one z per row
-            names = list(experts["math"].theta)
-            if any(list(e.theta) != names for e in experts.values()):
-                raise SystemExit("dispatch: the experts adapt different matrices; a routed batch needs the same ones")
-            cache = svd_cache.load(model, names=names)
-            for e in experts.values():
-                e.check(model, cache)
-            svf.attach(model, cache)
+        else:  # rows routed to different experts: the factored layers (attached above), one z per row
             texts = pass2(model, tok, task, items, pred, experts, cache, args)
         t2 = time.perf_counter()
         correct = task.check(items, texts)
@@ -264,4 +268,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    cli.run(main, get_args())

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+import cli
 from model import KVCache, Transformer, resolve_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -130,7 +131,7 @@ class StopStrings:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
-             stop=None, samples=1, slots=64, zs=None, rescale=True, embed=None, stats=None):
+             stop=None, samples=1, slots=64, zs=None, rescale=True, base_rows=None, embed=None, stats=None):
     """Continue prompts (strings, already rendered, or id lists) with continuous batching.
 
     The engine keeps `slots` rows of one KV cache busy: when a row ends (eos, a stop string, or
@@ -144,7 +145,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     max_new_tokens: an int, or one cap per prompt.
     zs: optional SVF scales per prompt, {parameter name: (len(prompts), r)}; before every forward
         the rows in the batch get their prompt's z (svf.set_z; rescale as there), so rows of one
-        batch can run different experts. The SVF modules are reset to the base weights at the end.
+        batch can run different experts. base_rows: optional bool per prompt, True = that prompt runs
+        on the base weights themselves (svf.set_z's base_rows). The SVF modules are reset at the end.
     embed: optional (ids (B, T), prompt indices) -> input embeddings (B, T, C) for a prefill
         (vlm.py splices each prompt's images in this way).
     stats: optional dict; seconds and tokens of prefill and decode are added to it (benchmarks).
@@ -175,7 +177,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
 
     def forward(ids, p, c, prompt_rows, embeds=None):
         if zs is not None:
-            svf.set_z(model, {n: z[prompt_rows] for n, z in zs.items()}, rescale)
+            base = None if base_rows is None else [base_rows[i] for i in prompt_rows]
+            svf.set_z(model, {n: z[prompt_rows] for n, z in zs.items()}, rescale, base_rows=base)
         return model.hidden(ids, p, c, embeds)
 
     def draw(batch_rows, logits):
@@ -312,7 +315,8 @@ def score(model, prompts, completions, chunk=1024, share=True):
 # CLI
 
 def chat(args):
-    model = Transformer.from_pretrained(args.model)
+    device, dtype = cli.device_and_dtype(args)
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(args.model)
     prompt = tok.apply_chat_template([{"role": "user", "content": args.prompt}])
     t0 = time.time()
@@ -330,6 +334,7 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    cli.add_device_args(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    chat(args)
+    cli.run(chat, args)

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cli
 import svd_cache
 import svf
 import vlm
@@ -54,8 +55,9 @@ def get_args(argv=None):
     g.add_argument("--task", required=True, help=f"training task: {', '.join(TASKS)}")
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
     g.add_argument("--out", required=True, help="run directory (experts, metrics, checkpoint)")
-    g.add_argument("--targets", default="mlp", choices=["mlp", "attn", "all"], help="matrices SVF adapts (paper: mlp)")
-    g.add_argument("--layers", default=None, help="layer subset: 'half' (every other), 'top' (upper half) or comma-separated indices (default: all)")
+    g.add_argument("--targets", default="mlp", choices=sorted(svd_cache.KINDS), help=svd_cache.TARGETS_HELP)
+    g.add_argument("--layers", default=None,
+                   help="layer subset: 'half' (every other), 'top' (upper half) or comma-separated indices (default: all)")
     g.add_argument("--parametrization", default="sigmoid", choices=["sigmoid", "raw"], help="z = sigmoid(θ) (official) or z = θ")
     g = p.add_argument_group("optimisation (defaults: paper, Table 6)")
     g.add_argument("--steps", type=int, default=100, help="number of updates")
@@ -88,6 +90,7 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from OUT/state.pt")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    cli.add_device_args(p)
     return p.parse_args(argv)
 
 
@@ -99,9 +102,8 @@ def world():
 
 
 def all_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+    """Sum over ranks in place (CPU tensors included: cli.all_reduce takes them through the GPU under NCCL)."""
+    return cli.all_reduce(t)
 
 
 # -----------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def policy_loss(model, theta, prompt_ids, comp_ids, weights, B, args, chunk=512,
     zs = {n: svf.theta_to_z(t, args.parametrization) for n, t in theta.items()}
     svf.set_z(model, zs)
     h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids, embed, share)
-    w = torch.tensor(weights, dtype=torch.float32, device=h.device)[row]
+    w = torch.tensor(weights, dtype=torch.float32, device=h.device)[row]  # row lives on the model's device
     pg, kl = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float32)
     for s in range(0, len(targets), chunk):  # chunks keep tokens × vocab logits small
         logp = model.lm_head(h[s:s + chunk]).float().log_softmax(-1)
@@ -196,16 +198,6 @@ def micro_batches(rows, samples, size):
             cur = []
         cur.append(r)
     return out + [cur] if cur else out
-
-
-def evaluate(model, tok, task, items, theta, cache, args, vision=None):
-    """Greedy accuracy of the current expert on `items` (sharded over ranks); returns (k, n, cut)."""
-    rank, ws = world()
-    greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0, "samples": 1})
-    records = rollout(model, tok, task, items[rank::ws], theta, cache, greedy, seed=0, vision=vision)
-    k = all_sum(torch.tensor([sum(r["correct"] for r in records), len(records), sum(r["cut"] for r in records)],
-                             dtype=torch.long))
-    return int(k[0]), int(k[1]), int(k[2])
 
 
 def save_ckpt(path, state):
@@ -238,14 +230,14 @@ def plot_curve(out, metrics):
 # -----------------------------------------------------------------------------
 # The steps of a run
 
-def load_policy(args, task, device):
+def load_policy(args, task, device, dtype):
     """The base model (or a LLaVA's language model) with SVFLinear modules on the target matrices."""
     vision = None
     if vlm.is_vlm(args.model):  # LLaVA: SVF adapts its language model; images ride in the prompts
-        llava, tok, pre = vlm.load(args.model, device=device)
+        llava, tok, pre = vlm.load(args.model, device=device, dtype=dtype)
         model, vision = llava.language_model, (llava, pre)
     else:
-        model = Transformer.from_pretrained(args.model, device=device)
+        model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         tok = Tokenizer.from_pretrained(args.model)
     if task.images != (vision is not None):
         raise ValueError(f"task {args.task} needs a {'LLaVA' if task.images else 'text'} checkpoint; {args.model} is "
@@ -349,8 +341,8 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)  # unknown task -> ValueError listing the known ones
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
+    cli.init_distributed(device)
     rank, ws = world()
     if args.batch_size % args.samples or (args.batch_size // args.samples) % ws:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --samples {args.samples} "
@@ -362,8 +354,7 @@ def main(args):
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    model, tok, vision, cache = load_policy(args, task, device)
+    model, tok, vision, cache = load_policy(args, task, device, dtype)
     train = task.load("train")[:args.train_limit]
     valid = task.load("valid")[:args.valid_limit]
     theta = {n: t.to(device).requires_grad_(True) for n, t in svf.init_theta(cache, seed=args.seed).items()}
@@ -375,7 +366,7 @@ def main(args):
     st = {"step": 0, "metrics": [], "best": -1.0, "since_best": 0}
     ckpt = out / "state.pt"
     if args.resume and ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=False, map_location="cpu")  # θ and Adam state move to `device` below
         # settings added after a checkpoint was written compare equal when left at their default (None)
         if st["hparams"] != {k: v for k, v in hparams.items() if k in st["hparams"] or v is not None}:
             raise ValueError(f"{ckpt}: was written with other settings {st['hparams']}, not {hparams}")
@@ -449,4 +440,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    cli.run(main, get_args())

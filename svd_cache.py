@@ -6,7 +6,8 @@ adapted matrix, so each matrix is decomposed once with the reduced SVD
 non-norm matrix of the model into one 43 GB `.pt` file; here only the target matrices are done,
 one safetensors file per matrix, so a run that is killed keeps what it finished.
 
-Targets: "mlp" (gate/up/down of every layer; the paper's default), "attn" (q/k/v/o), "all";
+Targets: "mlp" (gate/up/down of every layer; the paper's default), "qv" (q/v: the paper's attention
+ablation), "attn" (q/k/v/o), "all";
 optionally a layer subset (a list of indices, or "half"). Norms, embeddings and lm_head never.
 
 Layout (outside git): $T2_CACHE or ~/.cache/transformer2, then
@@ -30,9 +31,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+import cli
+
 KINDS = {"attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
          "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
 KINDS["all"] = KINDS["attn"] + KINDS["mlp"]  # module order inside a block
+# The paper's attention ablation (Table 4: 0.16M parameters on Llama-3-8B = 32 × (4096 + 1024)) adapts
+# q and v only; "attn" (q, k, v, o) is ours.
+KINDS["qv"] = ["self_attn.q_proj", "self_attn.v_proj"]
+TARGETS_HELP = "matrices SVF adapts: mlp (paper default), qv (the paper's attention ablation), attn (q,k,v,o: ours), all"
 
 
 def parse_layers(layers, n_layers):
@@ -189,17 +196,24 @@ def load(model, targets="mlp", layers=None, root=None, device=None, names=None):
     return SVDCache(folder, names, fp, targets, layers, shapes, device)
 
 
-if __name__ == "__main__":
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout folder")
-    p.add_argument("--targets", default="mlp", choices=sorted(KINDS), help="which matrices (paper: mlp)")
+    p.add_argument("--targets", default="mlp", choices=sorted(KINDS), help=TARGETS_HELP)
     p.add_argument("--layers", default=None, help='"half", or comma-separated indices (default: all)')
     p.add_argument("--root", default=None, help="cache root (default $T2_CACHE or ~/.cache/transformer2)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    args = p.parse_args()
+    cli.add_device_args(p)
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from model import Transformer
-    model = Transformer.from_pretrained(args.model)
+    device, dtype = cli.device_and_dtype(args)
+    # the fingerprint hashes the loaded values: build the cache in the dtype the runs will use
+    model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     t0 = time.perf_counter()
     cache = load(model, args.targets, args.layers, args.root)
     print(f"{cache.folder} | {len(cache.names)} matrices ({args.targets}) | {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -11,8 +11,12 @@ Three ways to run an adapted model, all on the model.py Transformer:
   merged(model, expert)   W′ written into the weights (zero overhead), base restored bit-exactly;
   attach + set_z(θ→z)     each target nn.Linear computes y = U((σ⊙z)⊙(Vh·x)): gradients reach θ
                           without any m×n weight gradient (the official code builds full dL/dW′);
-  set_z with (B, r) z     one z per sequence of a batch (CEM populations, mixed expert batches).
-The factored path uses the Triton kernel of kernels/svf_linear.py on CUDA, plain torch otherwise.
+  set_z with (B, r) z     one z per sequence of a batch (CEM populations, mixed expert batches);
+                          base_rows= marks rows that use the base weights W themselves (dispatch's "other").
+The factored path uses the Triton kernel of kernels/svf_linear.py on CUDA, plain torch otherwise
+(svf_matmul_torch, the one definition of the formula; also the kernel's test reference).
+Scripts get experts through load_experts (load -> check -> SVD cache -> attach); files are always
+named explicitly (--experts), never discovered by a naming convention.
 
 An expert file is safetensors: tensor name = target parameter name, value = θ (float32, length r),
 string metadata: parametrization, rescale, base_model, base_fingerprint, targets, layers, task, ...
@@ -23,7 +27,6 @@ string metadata: parametrization, rescale, base_model, base_fingerprint, targets
     python tools/bench_svf.py     # SVD time, one training step vs (a) no SVF and (b) the official way
 """
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -38,31 +41,50 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cli
 import svd_cache
 
 USE_KERNEL = None  # None: Triton kernel when x is on CUDA; True: always (tests, under TRITON_INTERPRET=1)
-_kernel = []       # lazily imported svf_linear, or None when kernels/svf_linear.py cannot be imported
+_kernel = []       # lazily imported svf_linear, or None once it failed to import or to compile
+
+
+def svf_matmul_torch(x, U, S, Vh, z):
+    """y = x·(U·diag(S⊙z)·Vh)ᵀ in plain torch: the one definition of the factored product. It is the
+    path svf.py runs without the kernel, and the reference kernels/svf_linear.py is tested against.
+
+    x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r)  ->  y (B, T, m) in x.dtype.
+    Autograd gives, with a = Vh·x, g = dL/dy, s = Σσ/Σ(σ⊙z) (SPEC §1):
+      dL/dz_i = s·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z)   summed over tokens,   dL/dθ = dL/dz·z(1−z)
+    (the second term comes through the rescale in set_z). Only (tokens × r) tensors appear; U, Vh
+    do not require grad, so no m×n gradient is ever formed.
+    """
+    s = (S * z).reshape(-1, 1, S.shape[0]).to(x.dtype)  # (1 or B, 1, r): one row of scales per sequence
+    return ((x @ Vh.T) * s) @ U.T                         # (B, T, r) -> (B, T, m)
 
 
 def svf_matmul(x, U, S, Vh, z):
-    """y = x·(U·diag(S⊙z)·Vh)ᵀ for x (B, T, n), z (r,) or (B, r), rescale already folded into z."""
+    """y = x·(U·diag(S⊙z)·Vh)ᵀ for x (B, T, n), z (r,) or (B, r), rescale already folded into z.
+    The Triton kernel on CUDA; svf_matmul_torch otherwise, or when the kernel cannot be imported or
+    fails at its first call (a compile error on an unusual GPU must not end a training run): then one
+    warning names the error and every later call takes the torch path."""
     if USE_KERNEL or (USE_KERNEL is None and x.is_cuda):
         if not _kernel:
             try:
                 from kernels.svf_linear import svf_linear
-            except Exception as e:  # a broken kernel file must not take SVF down with it
-                warnings.warn(f"kernels/svf_linear.py unavailable ({e!r}); using the torch path")
+            except Exception as e:  # no Triton, or a broken kernel file
+                warnings.warn(f"kernels/svf_linear.py unavailable ({e!r}); SVF uses the torch path")
                 svf_linear = None
             _kernel.append(svf_linear)
         if _kernel[0] is not None:
-            return _kernel[0](x, U, S, Vh, z)
-    # Torch path. Autograd gives, with a = Vh·x, g = dL/dy, s = Σσ/Σ(σ⊙z) (SPEC §1):
-    #   dL/dz_i = s·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z)   summed over tokens,   dL/dθ = dL/dz·z(1−z)
-    # (the second term comes through the rescale in set_z). Only (tokens × r) tensors appear; U, Vh
-    # do not require grad, so no m×n gradient is ever formed.
-    s = (S * z).to(x.dtype)                      # (r,) or (B, r)
-    s = s[:, None, :] if s.dim() == 2 else s     # (B, 1, r): one row of scales per sequence
-    return ((x @ Vh.T) * s) @ U.T                # (B, T, r) -> (B, T, m)
+            try:
+                return _kernel[0](x, U, S, Vh, z)
+            except (ValueError, TypeError):  # the wrapper's own shape/dtype checks: a caller's bug
+                raise
+            except Exception as e:  # Triton compile/launch errors come as several exception types
+                warnings.warn(f"kernels/svf_linear.py failed ({type(e).__name__}: {e}); SVF uses the torch path "
+                              f"from now on")
+                _kernel[0] = None
+    return svf_matmul_torch(x, U, S, Vh, z)
 
 
 def theta_to_z(theta, parametrization="sigmoid"):
@@ -99,12 +121,18 @@ class SVFLinear(nn.Module):
         self.register_buffer("Vh", Vh.to(dev, dt), persistent=False)   # (r, n)
         # σ and z stay at least float32 (the rescale sums r terms); float64 for gradcheck.
         self.register_buffer("S", S.to(dev, torch.promote_types(dt, torch.float32)), persistent=False)
-        self.z = None  # (r,) or (B, r), rescale folded in; set by set_z
+        self.z = None          # (r,) or (B, r), rescale folded in; set by set_z
+        self.base_rows = None  # indices of batch rows that use the base weights W exactly; set by set_z
 
     def forward(self, x):
         if self.z is None:
             return F.linear(x, self.weight, self.bias)
         y = svf_matmul(x, self.U, self.S, self.Vh, self.z)
+        if self.base_rows is not None:
+            # Rows routed to "no expert" (dispatch's "other", SPEC §4) get W·x, not U·diag(σ)·Vh·x:
+            # the factors reproduce W only to rounding (~1e-6 relative in float32, ~1e-2 in bf16).
+            # The dense product runs on those rows alone, so a routed batch pays only for them.
+            y = y.index_put((self.base_rows,), F.linear(x[self.base_rows], self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -130,9 +158,16 @@ def detach(model):
         setattr(model.get_submodule(parent), child, mod.base)
 
 
-def set_z(model, zs, rescale=True):
-    """zs[name]: applied z, (r,) or (B, r), differentiable. None -> exact base weights everywhere."""
+def set_z(model, zs, rescale=True, base_rows=None):
+    """zs[name]: applied z, (r,) or (B, r), differentiable. None -> exact base weights everywhere.
+    base_rows: with a (B, r) z, the rows (indices or a (B,) bool mask) that use the base weights
+    themselves instead of their z (routed batches: "other" questions get W, not its reconstruction)."""
     for name, mod in svf_modules(model):
+        mod.base_rows = None
+        if base_rows is not None and zs is not None:
+            rows = torch.as_tensor(base_rows, device=mod.S.device)
+            rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
+            mod.base_rows = rows if rows.numel() else None
         if zs is None:
             mod.z = None
         elif name not in zs:
@@ -184,9 +219,17 @@ class Expert:
 
     @classmethod
     def load(cls, path):
-        with safe_open(path, framework="pt") as f:
-            names = sorted(f.keys(), key=model_order)
-            return cls({n: f.get_tensor(n) for n in names}, dict(f.metadata() or {}), str(path))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such expert file (train one with `make train TASK=...`, "
+                                    f"which writes runs/TASK-MODEL/best.safetensors)")
+        try:
+            with safe_open(path, framework="pt") as f:
+                names = sorted(f.keys(), key=model_order)
+                return cls({n: f.get_tensor(n) for n in names}, dict(f.metadata() or {}), str(path))
+        except (ValueError, IndexError) as e:  # a key that is not model.layers.I.KIND.weight
+            raise ValueError(f"{path}: not an SVF expert file ({e})") from None
+        except Exception as e:  # truncated or corrupt: safetensors raises its own error types
+            raise ValueError(f"{path}: cannot read safetensors ({e})") from None
 
     def check(self, model, cache):
         """One clear ValueError when this expert does not fit `model` (other weights or shapes)."""
@@ -196,7 +239,8 @@ class Expert:
         fp = self.meta["base_fingerprint"]
         if fp != "*" and fp != cache.fingerprint:  # "*": transferred on purpose (transfer())
             raise ValueError(f"{self.source}: expert was trained for base {fp} "
-                             f"({self.meta.get('base_model', '?')}), this model is {cache.fingerprint}")
+                             f"({self.meta.get('base_model', '?')}), this model is {cache.fingerprint} (the fingerprint "
+                             f"hashes the loaded values: a model loaded in bf16 differs from its fp32 load; try --dtype fp32)")
         bad = [f"{n} has r={t.numel()}, the model's matrix {cache.shapes.get(n, 'does not exist')}"
                for n, t in self.theta.items() if n not in cache.shapes or t.shape != (cache.rank(n),)]
         if bad:
@@ -226,21 +270,31 @@ def mix(experts, alpha, mode="z"):
     raise ValueError(f"mix: mode must be 'z' or 'theta', got {mode!r}")
 
 
-# Where `make train TASK=...` writes the three experts (reinforce.py --out runs/TASK-MODEL); cem.py and
-# dispatch.py look here when no files are given.
-EXPERT_RUNS = {"math": "runs/gsm8k-*/best.safetensors", "code": "runs/mbpp-*/best.safetensors",
-               "reasoning": "runs/arc_easy_direct-*/best.safetensors"}
+def load_experts(model, experts, cache=None, factored=True, root=None):
+    """The one way scripts get experts onto a model: load (paths or Expert objects) -> check that they
+    adapt the same matrices with the same rescale rule -> SVD cache of those matrices -> check each
+    against the model -> (factored=True) attach the factored layers. Returns (experts, cache).
 
-
-def find_expert(pattern, model_fp=None):
-    """A file, or the first glob match trained on base `model_fp` (runs/ may hold several models'
-    experts); None if nothing matches."""
-    paths = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-    paths = [p for p in paths if Path(p).is_file()]
-    if model_fp:
-        with_fp = [p for p in paths if safe_open(p, "pt").metadata().get("base_fingerprint") in (model_fp, "*")]
-        paths = with_fp or paths  # none matches: keep them, Expert.check names the mismatch
-    return paths[0] if paths else None
+    One rescale rule for all of them: the experts' own flag (metadata "rescale"). A set that mixes
+    flags is refused, since a mixed z′ = Σ α_k z_k would have no single rule to follow."""
+    experts = [e if isinstance(e, Expert) else Expert.load(e) for e in experts]
+    if not experts:
+        raise ValueError("load_experts: no expert files given")
+    first, names = experts[0], list(experts[0].theta)
+    for e in experts[1:]:
+        if list(e.theta) != names:
+            raise ValueError(f"{e.source}: adapts other matrices than {first.source} "
+                             f"({len(e.theta)} vs {len(names)}, targets {e.meta.get('targets')} vs "
+                             f"{first.meta.get('targets')}); experts used together must adapt the same ones")
+        if e.rescale != first.rescale:
+            raise ValueError(f"{e.source}: rescale={e.meta.get('rescale')}, but {first.source} has "
+                             f"rescale={first.meta.get('rescale')}; experts used together must share the Σσ rescale rule")
+    cache = cache or svd_cache.load(model, names=names, root=root)
+    for e in experts:
+        e.check(model, cache)
+    if factored:
+        attach(model, cache)
+    return experts, cache
 
 
 def transfer(expert, shuffle=False, seed=0):
@@ -260,12 +314,9 @@ def transfer(expert, shuffle=False, seed=0):
 def merged(model, expert_or_zs, cache=None, rescale=True):
     """Inside the block the target weights hold W′; on exit the base weights are back, bit for bit.
     An expert (path or Expert) brings its own rescale flag; a dict of z uses `rescale`."""
-    if isinstance(expert_or_zs, (str, os.PathLike)):
-        expert_or_zs = Expert.load(expert_or_zs)
-    if isinstance(expert_or_zs, Expert):
-        cache = cache or svd_cache.load(model, names=list(expert_or_zs.theta))
-        expert_or_zs.check(model, cache)
-        zs, rescale = expert_or_zs.zs(), expert_or_zs.rescale
+    if isinstance(expert_or_zs, (str, os.PathLike, Expert)):
+        (expert,), cache = load_experts(model, [expert_or_zs], cache, factored=False)
+        zs, rescale = expert.zs(), expert.rescale
     else:
         zs = expert_or_zs
         cache = cache or svd_cache.load(model, names=list(zs))
@@ -331,7 +382,7 @@ def main(argv=None):
     i = sub.add_parser("init", help="write a freshly initialised expert (the start of training)")
     i.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
     i.add_argument("--out", required=True, help="expert .safetensors to write")
-    i.add_argument("--targets", default="mlp", choices=sorted(svd_cache.KINDS), help="paper: mlp")
+    i.add_argument("--targets", default="mlp", choices=sorted(svd_cache.KINDS), help=svd_cache.TARGETS_HELP)
     i.add_argument("--layers", default=None, help='"half" or comma-separated indices (default: all)')
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--raw", action="store_true", help="z = θ instead of sigmoid(θ)")
@@ -348,11 +399,14 @@ def main(argv=None):
     x.add_argument("--out", required=True, help="expert .safetensors to write")
     for q in (i, m):
         q.add_argument("--root", default=None, help="SVD cache root (default $T2_CACHE or ~/.cache/transformer2)")
+        cli.add_device_args(q)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from model import Transformer
+    if args.cmd in ("init", "merge"):
+        device, dtype = cli.device_and_dtype(args)
     if args.cmd == "init":
-        model = Transformer.from_pretrained(args.model)
+        model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         cache = svd_cache.load(model, args.targets, args.layers, args.root)
         expert = Expert.new(init_theta(cache, args.seed), model, cache, "raw" if args.raw else "sigmoid",
                             not args.no_rescale, args.task, seed=args.seed)
@@ -362,10 +416,9 @@ def main(argv=None):
     elif args.cmd == "merge":
         src, out = Path(args.model), Path(args.out)
         if out.resolve() == src.resolve():
-            raise SystemExit("--out must be a new folder, not the base model's")
-        model = Transformer.from_pretrained(src)
-        expert = Expert.load(args.expert)
-        cache = svd_cache.load(model, names=list(expert.theta), root=args.root)
+            raise ValueError(f"{out}: --out must be a new folder, not the base model's")
+        model = Transformer.from_pretrained(src, dtype=dtype, device=device)
+        (expert,), cache = load_experts(model, [args.expert], root=args.root, factored=False)
         out.mkdir(parents=True, exist_ok=True)
         with merged(model, expert, cache):
             state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -380,10 +433,12 @@ def main(argv=None):
         experts = [Expert.load(f) for f in args.experts]
         alpha = args.alpha or [1.0 / len(experts)] * len(experts)
         if len(alpha) != len(experts):
-            raise SystemExit(f"--alpha needs one value per expert ({len(experts)}), got {len(alpha)}")
+            p.error(f"--alpha needs one value per expert ({len(experts)}), got {len(alpha)}")
         fps = {e.meta.get("base_fingerprint") for e in experts}
         if len(fps) > 1:
-            raise SystemExit(f"mix: the experts were trained on different base models {sorted(map(str, fps))}")
+            raise ValueError(f"{args.experts[0]}: the experts were trained on different base models {sorted(map(str, fps))}")
+        if len({e.rescale for e in experts}) > 1:
+            raise ValueError(f"{args.experts[0]}: the experts disagree on the Σσ rescale; a mix needs one rule")
         # stored as raw z: a mix of sigmoid z's need not be a sigmoid of anything in range
         meta = {**experts[0].meta, "parametrization": "raw", "task": "mix",
                 "mix_alpha": json.dumps(alpha), "mix_experts": json.dumps(args.experts), "mix_mode": args.mode}
@@ -394,4 +449,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 from generate import Tokenizer, generate
 from model import ModelConfig, Transformer, load_checked, load_safetensors, read_json, resolve_checkpoint
 
@@ -221,7 +222,8 @@ class LLaVA(nn.Module):
 
     def image_features(self, image):
         """One preprocessed image (see `Preprocessor`) -> its embeddings (n_tokens, C)."""
-        pixels = image["pixels"].to(self.image_dtype)
+        w = self.multi_modal_projector.linear_1.weight
+        pixels = image["pixels"].to(w.device, self.image_dtype)       # preprocessing happens on the CPU
         feats = self.patch_features(pixels)                            # (tiles, P, C)
         if self.config.model_type == "llava":
             return feats[0]
@@ -403,9 +405,9 @@ def is_vlm(path_or_repo_id) -> bool:
         return False
 
 
-def load(path_or_repo_id, device="cpu"):
+def load(path_or_repo_id, device="cpu", dtype=torch.float32):
     """(LLaVA, Tokenizer, Preprocessor) of a checkpoint folder."""
-    model = LLaVA.from_pretrained(path_or_repo_id, device=device)
+    model = LLaVA.from_pretrained(path_or_repo_id, dtype=dtype, device=device)
     pre = Preprocessor.from_pretrained(resolve_checkpoint(path_or_repo_id), model.config.grid_pinpoints)
     return model, Tokenizer.from_pretrained(path_or_repo_id), pre
 
@@ -474,7 +476,7 @@ def vlm_generate(vlm, tokenizer, prompts, images, preprocess, **kw):
 # -----------------------------------------------------------------------------
 # CLI
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", help="question about the --image(s)")
     p.add_argument("--model", required=True, help="llava-hf layout folder (config.json, *.safetensors, tokenizer, preprocessor_config.json)")
@@ -482,10 +484,12 @@ def main():
     p.add_argument("--expert", help="SVF expert (.safetensors) applied to the language model")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args()
+    cli.add_device_args(p)
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    vlm, tok, pre = load(args.model)
+    device, dtype = cli.device_and_dtype(args)
+    vlm, tok, pre = load(args.model, device=device, dtype=dtype)
     ctx = contextlib.nullcontext()
     if args.expert:
         import svf  # the expert adapts the language model's matrices, merged once
@@ -499,4 +503,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

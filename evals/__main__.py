@@ -15,9 +15,9 @@ dataset id; MATH "<subject>/<index>".
 """
 import argparse
 import dataclasses
-import sys
 import time
 
+import cli
 from evals import get_task
 from evals.common import answer, fmt_acc, format_counts, mcnemar, read_correct, read_jsonl, render_prompt, write_jsonl
 
@@ -46,6 +46,7 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (use 1 per process when several jobs share the cores)")
     ap.add_argument("--out", default=None, help="per-item JSONL (default: print the summary only)")
+    cli.add_device_args(ap)
     return ap.parse_args(argv)
 
 
@@ -63,18 +64,19 @@ def generate_all(args, task, items):
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = embed = None
+    device, dtype = cli.device_and_dtype(args)
     if vlm.is_vlm(args.model):  # LLaVA: the expert adapts its language model; prompts carry images
-        llava, tok, pre = vlm.load(args.model)
+        llava, tok, pre = vlm.load(args.model, device=device, dtype=dtype)
         model = llava.language_model
         if not task.images:
-            sys.exit(f"task {task.name} needs a text checkpoint; {args.model} is a LLaVA checkpoint")
+            raise ValueError(f"{args.model}: task {task.name} needs a text checkpoint, this is a LLaVA")
         prompts, embed = vlm.prompts_with_images(llava, tok, [render_prompt(tok, task, it) for it in items],
                                                  [[it["image"]] for it in items], pre)
     else:
-        model = Transformer.from_pretrained(args.model)
+        model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         tok = Tokenizer.from_pretrained(args.model)
         if task.images:
-            sys.exit(f"task {task.name} needs a LLaVA checkpoint; {args.model} is a text model")
+            raise ValueError(f"{args.model}: task {task.name} needs a LLaVA checkpoint, this is a text model")
     ctx = contextlib.nullcontext()
     if args.expert:
         import svf  # only needed with an expert
@@ -104,10 +106,13 @@ def evaluate(args, task):
 def score(args, task):
     """Score a file of completions keyed by native ids; one result per input line, in order."""
     lines = read_jsonl(args.score)
+    bad = [i for i, line in enumerate(lines, 1) if not isinstance(line, dict) or not {"id", "completion"} <= line.keys()]
+    if bad:
+        raise ValueError(f"{args.score}: line {bad[0]} lacks 'id' or 'completion' ({len(bad)} such lines)")
     by_id = {it["id"]: it for it in task.load(args.split, data_dir=args.data_dir)}
     missing = [line["id"] for line in lines if line["id"] not in by_id]
     if missing:
-        sys.exit(f"{len(missing)} ids not in {task.name} {args.split}, e.g. {missing[0]!r}")
+        raise ValueError(f"{args.score}: {len(missing)} ids not in {task.name} {args.split}, e.g. {missing[0]!r}")
     correct = task.check([by_id[line["id"]] for line in lines], [line["completion"] for line in lines])
     rows = [{"id": line["id"], "correct": ok} for line, ok in zip(lines, correct)]
     if args.out:
@@ -133,7 +138,7 @@ def main(args):
     if args.compare:
         return compare(*args.compare)
     if not args.task:
-        sys.exit("--task is required (or --compare A B)")
+        raise SystemExit("error: --task is required (or --compare A B)")
     task = get_task(args.task)
     if args.official_extract:
         task = dataclasses.replace(task, official=True)
@@ -142,9 +147,9 @@ def main(args):
     if args.score:
         return score(args, task)
     if not args.model:
-        sys.exit("--model DIR is required to generate (or --score FILE to score completions)")
+        raise SystemExit("error: --model DIR is required to generate (or --score FILE to score completions)")
     return evaluate(args, task)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    cli.run(main, parse_args())

@@ -59,8 +59,15 @@ def read_olmo_docs(task_dir: str, key: str) -> list[dict] | None:
 
 def read_jsonl(path) -> list[dict]:
     opener = gzip.open if str(path).endswith(".gz") else open
+    rows = []
     with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {i} is not JSON ({e.msg}); expected one JSON object per line") from None
+    return rows
 
 
 def read_correct(path) -> dict[str, bool]:
@@ -68,7 +75,7 @@ def read_correct(path) -> dict[str, bool]:
     verdicts = {}
     for row in read_jsonl(path):
         if "correct" not in row:
-            raise SystemExit(f"{path}: a line has no 'correct' field (not a scored per-item file)")
+            raise ValueError(f"{path}: a line has no 'correct' field (not a scored per-item file)")
         verdicts.setdefault(json.dumps(row["id"]), bool(row["correct"]))
     return verdicts
 
@@ -174,12 +181,13 @@ def render_prompt(tokenizer, task: Task, item: dict) -> str:
 
 
 def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temperature=0.0, top_p=1.0, seed=0,
-           max_new_tokens=None, slots=64, zs=None, rescale=True, prompts=None, embed=None, check=True) -> list[dict]:
+           max_new_tokens=None, slots=64, zs=None, rescale=True, base_rows=None, prompts=None, embed=None,
+           check=True) -> list[dict]:
     """The one path from task items to verdicts (evals, REINFORCE rollouts, CEM, dispatch, benchmarks):
     render each item's prompt, generate `samples` answers per item with generate.py's engine, check them.
 
     prompts: already-made prompts instead of rendering (a VLM's id lists with image tokens expanded);
-    zs / rescale / embed: per-item SVF scales and the prefill embedding hook, as in generate.generate;
+    zs / rescale / base_rows / embed: per-item SVF scales and the prefill hook, as in generate.generate;
     check=False skips the checker (items without gold, e.g. dispatch's pass 1).
     Returns one record per answer, item-major (item i's samples at i*samples ... i*samples+samples-1):
       prompt_ids, ids (generated ids), completion (text), extracted (None: no final answer found),
@@ -192,7 +200,7 @@ def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temper
     prompt_ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     g = generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens or task.max_new_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, stop=list(task.stop) or None, samples=samples,
-                 slots=slots, zs=zs, rescale=rescale, embed=embed)
+                 slots=slots, zs=zs, rescale=rescale, base_rows=base_rows, embed=embed)
     rows = [items[r // samples] for r in range(len(g.ids))]
     correct = task.check(rows, g.texts) if check else [None] * len(rows)
     return [{"prompt_ids": prompt_ids[r // samples], "ids": ids, "completion": text, "extracted": task.extract(text),

@@ -7,7 +7,9 @@ dataset's images ship offline (shared/OFFLINE.md). Sources, per task:
              index % 10 != 0, valid = index % 10 == 0, test = its test questions (9,673).
   textvqa    TextVQA 0.5.1 annotation JSON (`TextVQA_0.5.1_{train,val}.json`, fetched online into
              cache/ when missing) + images in <data-dir>/textvqa/train_images/<image_id>.jpg.
-             valid = val, test = val (the test split has no public answers).
+             train = its train questions with index % 10 != 0, valid = index % 10 == 0, test = val
+             (the test split has no public answers). valid and test are disjoint, so early stopping
+             never selects on the reported items.
   okvqa      OK-VQA val2014 questions + annotations (`OpenEnded_mscoco_val2014_questions.json`,
              `mscoco_val2014_annotations.json` in <data-dir>/okvqa/) + COCO images in
              <data-dir>/okvqa/val2014/. Transfer only: test = val.
@@ -76,13 +78,15 @@ def _easy_vqa(split):
 
 def _textvqa(split, data_dir):
     root = Path(data_dir) / "textvqa"
-    part = "train" if split == "train" else "val"
+    part = "val" if split == "test" else "train"
     ann = root / f"TextVQA_0.5.1_{part}.json"
     if not ann.exists():
         ann = fetch(TEXTVQA_URL.format(part), ann.name)
     rows = json.loads(ann.read_text())["data"]
     items = [{"id": r["question_id"], "question": r["question"], "answers": r["answers"], "gold": r["answers"],
               "image": str(root / "train_images" / f"{r['image_id']}.jpg")} for r in rows]
+    if split != "test":  # train and valid share the train file, one question in ten held out
+        items = [it for i, it in enumerate(items) if (i % 10 == 0) == (split == "valid")]
     return _require_images(items, "textvqa", root / "train_images")
 
 

@@ -21,6 +21,13 @@ Cost: r(m+n) multiply-adds per token instead of mn (1.29× for 4096×14336 at r 
 square matrix). So a single expert should be merged once; this pays off in training (dL/dz
 without m×n tensors) and in mixed batches where every sequence carries its own z.
 
+What svf.py does with this file: on CUDA its factored layers call `svf_linear`. If this file cannot
+be imported (no Triton), or the kernel raises at a call (e.g. fails to compile for that GPU), svf.py
+warns once, naming the error, and from then on runs `svf.svf_matmul_torch`: three torch matmuls
+with the same contract, (x·Vhᵀ ⊙ σ⊙z)·Uᵀ, differentiated by autograd. That function is also this
+file's reference (`svf_linear_ref`), so there is one definition of the formula. A failure inside the
+backward pass (the same kernel, other specialisations) is not caught: it would surface as an error.
+
     python kernels/svf_linear.py           # correctness check vs the torch reference (CPU: interpreter)
     python kernels/svf_linear.py --bench   # GPU benchmark, bf16, Llama-3-8B MLP/attention shapes
 """
@@ -31,22 +38,20 @@ import sys
 
 import torch
 
-if __name__ == "__main__" and not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede `import triton`: run kernels on CPU
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: svf.py
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede `import triton`: run kernels on CPU
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- torch reference
-def svf_linear_ref(x, U, S, Vh, z):
-    """The contract, in plain torch (also "the torch factored path" that svf.py falls back to).
-
-    x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r)  ->  y (B, T, m) in x.dtype,
-    y[b] = x[b]·(U·diag(S⊙z[b])·Vh)ᵀ. Differentiable in every argument by autograd.
-    """
-    s = (S * z).reshape(-1, 1, S.shape[0]).to(x.dtype)  # (1 or B, 1, r)
-    return ((x @ Vh.T) * s) @ U.T  # (B, T, r) -> (B, T, m)
+# The reference is svf.py's torch path itself, not a second copy of the formula: the kernel is tested
+# against exactly what SVF runs without it (x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r)
+# -> y (B, T, m) in x.dtype, y[b] = x[b]·(U·diag(S⊙z[b])·Vh)ᵀ, differentiable by autograd).
+from svf import svf_matmul_torch as svf_linear_ref  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- Triton kernel

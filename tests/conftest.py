@@ -1,17 +1,20 @@
 """Shared test setup.
 
-TRITON_INTERPRET must be set before any Triton kernel module is imported, so the kernels run
-on the CPU here (fp32/fp16 only: the interpreter's bf16 tl.dot is wrong).
+Without CUDA, TRITON_INTERPRET=1 is set before any Triton kernel module is imported, so the
+kernels run on the CPU (fp32/fp16 only: the interpreter's bf16 tl.dot is wrong). With CUDA it is
+left alone: the kernel tests compile and run the real kernels, bf16 included, and
+tests/test_cuda.py runs.
 """
 import os
 import shutil
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import cem  # noqa: E402
+import cli  # noqa: E402
 import svd_cache  # noqa: E402
 import svf  # noqa: E402
 from evals import TASKS  # noqa: E402
@@ -37,7 +38,7 @@ TASKS["parity"] = Parity("parity", splits=("train", "valid", "test"), max_new_to
 
 
 def cem_args(**kw):
-    a = dict(population=8, elites=3, init_std=0.5, generations=30, normalize=False, seed=0, mode="z",
+    a = dict(population=8, elites=3, init_std=0.5, generations=30, normalize=False, seed=0, mode="z", rescale=True,
              slots=16, max_new_tokens=5)
     a.update(kw)
     return Namespace(**a)
@@ -109,6 +110,27 @@ def test_batched_population_equals_member_by_member(tiny):
     assert len(set(acc.tolist())) > 1  # members really differ, so the comparison means something
 
 
+def test_bad_expert_files_are_one_line(tiny_dir, tmp_path, capsys, monkeypatch):
+    """A missing file fails before the model loads; a set with mixed rescale flags is refused."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+
+    def run(files):
+        with pytest.raises(SystemExit) as e:
+            cli.run(cem.main, cem.get_args(["--task", "parity", "--model", str(tiny_dir), "--experts", *files]))
+        return e.value.code, capsys.readouterr().err
+    code, err = run([str(tmp_path / "gone.safetensors")])
+    assert code == 2 and err.startswith(f"error: {tmp_path}/gone.safetensors: no such expert file") and "make train" in err
+    model = Transformer.from_pretrained(tiny_dir)
+    cache = svd_cache.load(model, "mlp")
+    files = []
+    for i, e in enumerate(random_experts(model, cache, k=2)):
+        e.meta["rescale"] = "false" if i else "true"
+        files.append(str(tmp_path / f"e{i}.safetensors"))
+        e.save(files[-1])
+    code, err = run(files)
+    assert code == 2 and f"error: {files[1]}: rescale=false, but {files[0]} has rescale=true" in err
+
+
 def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
     env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     model = Transformer.from_pretrained(tiny_dir)
@@ -118,7 +140,8 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
         paths.append(str(tmp_path / f"e{i}.safetensors"))
         e.save(paths[-1])
     common = ["--task", "parity", "--model", str(tiny_dir), "--experts", *paths, "--shots", "4", "--limit", "8",
-              "--generations", "2", "--population", "6", "--elites", "3", "--max-new-tokens", "5", "--threads", "1"]
+              "--generations", "2", "--population", "6", "--elites", "3", "--max-new-tokens", "5", "--threads", "1",
+              "--device", "cpu"]  # gloo on the CPU, also on a GPU machine
     subprocess.run([sys.executable, __file__, *common, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29534",

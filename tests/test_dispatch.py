@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import cli
 import dispatch
 import svd_cache
 import svf
@@ -29,11 +30,13 @@ def tiny_model(seed=0, vocab=64):
     return model
 
 
-def random_experts(model, cache, seed=0):
-    """Three experts far from uniform z (θ ~ N(0, 1)), so each one visibly changes the logits."""
+def random_experts(model, cache, seed=0, mixed_rescale=False):
+    """Three experts far from uniform z (θ ~ N(0, 1)), so each one visibly changes the logits.
+    mixed_rescale: "code" without the Σσ rescale (row_zs folds each row's own flag; the CLI refuses
+    such a set)."""
     g = torch.Generator().manual_seed(seed)
     return {c: svf.Expert.new({n: torch.randn(cache.rank(n), generator=g) for n in cache.names}, model, cache,
-                              task=c, rescale=(c != "code"))  # one expert without the rescale
+                              task=c, rescale=not (mixed_rescale and c == "code"))
             for c in ("math", "code", "reasoning")}
 
 
@@ -92,22 +95,28 @@ def test_routed_batch_equals_each_row_alone(tmp_path):
     """One batch, rows on different experts (and "other"), equals each row with its expert merged."""
     model, ref = tiny_model(), tiny_model()
     cache = svd_cache.load(model, "mlp", root=tmp_path)
-    experts = random_experts(model, cache)
+    experts = random_experts(model, cache, mixed_rescale=True)
     cats = ["math", "other", "code", "reasoning", "math"]
     x = ids(B=len(cats))
     svf.attach(model, cache)
     svf.set_z(model, dispatch.row_zs(experts, cats, cache), rescale=False)
     batched = model(x)
+    svf.set_z(model, dispatch.row_zs(experts, cats, cache), rescale=False,
+              base_rows=[c not in experts for c in cats])  # as dispatch.answer does: "other" on W itself
+    exact_other = model(x)
     for b, c in enumerate(cats):
         with dispatch.adapted(ref, c, experts):
             alone = ref(x[b:b + 1])[0]
-        # float32 factors: "other" (z = 1) reproduces W only up to rounding, hence allclose
+        # the experts' rows: float32 factors vs merged W′, equal up to rounding
         torch.testing.assert_close(batched[b], alone, atol=2e-5, rtol=1e-4)
+        # "other": W itself, so only the GEMM's batch-shape-dependent last bits differ
+        torch.testing.assert_close(exact_other[b], alone, **({"atol": 1e-6, "rtol": 1e-6} if c == "other" else {}))
     assert not torch.allclose(batched[0], batched[2], atol=1e-3)  # different experts really differ
 
 
-def test_fewshot_reads_cem_json(tmp_path):
+def test_fewshot_reads_cem_json(tmp_path, monkeypatch):
     """cem.py's alpha.json -> z′ = Σ α_k z_k; a one-hot α gives that expert's z back exactly."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path))
     model = tiny_model()
     experts = random_experts(model, svd_cache.load(model, "mlp", root=tmp_path))
     paths = []
@@ -117,8 +126,11 @@ def test_fewshot_reads_cem_json(tmp_path):
     spec = tmp_path / "alpha.json"
     spec.write_text(json.dumps({"experts": paths, "alpha": [0.0, 0.0, 2.0], "mode": "z", "per_layer": False,
                                 "normalize": True}))
-    zs, rescale = dispatch.fewshot_z(spec)
+    zs, rescale = dispatch.fewshot_z(spec, model)
     assert rescale and all(torch.equal(zs[n], experts["reasoning"].z(n)) for n in zs)
+    spec.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"alpha\.json: not cem\.py's alpha\.json"):
+        dispatch.fewshot_z(spec, model)
 
 
 # ----------------------------------------------------------------------------- the cls task
@@ -141,15 +153,40 @@ def test_cls_task_is_balanced_and_never_sees_a_test_item():
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_missing_expert_is_one_clear_line(tmp_path):
-    # --model does not exist either: the expert check comes first, before any loading
-    argv = ["--task", "humaneval", "--model", str(tmp_path / "nope"), "--experts", f"math={tmp_path}/m.safetensors"]
+def run_cli(argv, capsys):
+    """dispatch.py as its __main__ runs it: (exit status, stderr)."""
     with pytest.raises(SystemExit) as e:
-        dispatch.main(dispatch.get_args(argv))
-    msg = str(e.value)
-    assert "math expert not found" in msg and "m.safetensors" in msg and "\n" not in msg
-    with pytest.raises(SystemExit, match="--alpha"):
-        dispatch.main(dispatch.get_args(["--task", "math", "--strategy", "fewshot", "--model", str(tmp_path)]))
+        cli.run(dispatch.main, dispatch.get_args(argv))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
+    # --model does not exist either: the experts are read first, before minutes of model loading
+    files = [f"{c}={tmp_path}/{c}.safetensors" for c in ("math", "code", "reasoning")]
+    code, err = run_cli(["--task", "humaneval", "--model", str(tmp_path / "nope"), "--experts", *files], capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path}/math.safetensors: no such expert file")
+    assert "make train TASK=" in err and err.count("\n") == 1 and "Traceback" not in err
+    (tmp_path / "math.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated header
+    code, err = run_cli(["--task", "humaneval", "--model", str(tmp_path), "--experts", *files], capsys)
+    assert code == 2 and err.startswith(f"error: {tmp_path}/math.safetensors: cannot read safetensors")
+    # bad flags: argparse's usage line + "error: ...", exit 2
+    code, err = run_cli(["--task", "math", "--model", str(tmp_path), "--experts", files[0]], capsys)
+    assert code == 2 and "error: --experts lacks code=FILE, reasoning=FILE" in err
+    code, err = run_cli(["--task", "math", "--strategy", "fewshot", "--model", str(tmp_path)], capsys)
+    assert code == 2 and "error: --strategy fewshot needs --alpha FILE" in err
+    code, err = run_cli(["--task", "math", "--strategy", "cls", "--classify-only"], capsys)
+    assert code == 2 and "error: --strategy cls needs --cls-expert FILE" in err
+    code, err = run_cli(["--task", "nosuchtask", "--classify-only"], capsys)
+    assert code == 2 and err.startswith("error: unknown task 'nosuchtask'")
+
+
+def test_experts_with_mixed_rescale_flags_are_refused(tiny_run, capsys):
+    folder, specs, tmp = tiny_run
+    model = Transformer.from_pretrained(folder)
+    mixed = random_experts(model, svd_cache.load(model, "mlp"), mixed_rescale=True)
+    mixed["code"].save(tmp / "code.safetensors")  # now code has rescale=false, math and reasoning true
+    code, err = run_cli(["--task", "gsm8k", "--limit", "1", "--model", str(folder), "--experts", *specs], capsys)
+    assert code == 2 and f"error: {tmp}/code.safetensors: rescale=false, but {tmp}/math.safetensors has rescale=true" in err
 
 
 @pytest.fixture

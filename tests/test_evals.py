@@ -2,6 +2,8 @@
 The code sandbox has its own file (tests/test_sandbox.py).
 Run: .venv/bin/python -m pytest -q tests/test_evals.py"""
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -311,5 +313,33 @@ def test_score_mbpp_gsm8k_arc_and_compare(tmp_path, capsys):
 def test_score_rejects_unknown_ids(tmp_path):
     src = tmp_path / "s.jsonl"
     src.write_text(json.dumps({"id": "HumanEval/999", "completion": ""}) + "\n")
-    with pytest.raises(SystemExit, match="not in humaneval"):
+    with pytest.raises(ValueError, match=r"s\.jsonl: 1 ids not in humaneval"):
         main(parse_args(["--task", "humaneval", "--score", str(src)]))
+
+
+def test_cli_bad_input_is_one_line_naming_the_file(tmp_path):
+    """Through the real entry point: expected failures print `error: FILE: what` and exit 2, no
+    traceback (T2_DEBUG=1 brings it back); a bad flag is argparse's usage error."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*argv, **env):
+        r = subprocess.run([sys.executable, "-m", "evals", *argv], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, **env})
+        return r.returncode, r.stderr
+    bad = tmp_path / "samples.jsonl"
+    bad.write_text('{"id": "HumanEval/0", "completion": ""}\nnot json\n')
+    code, err = run("--task", "humaneval", "--score", str(bad))
+    assert code == 2 and err.strip() == (f"error: {bad}: line 2 is not JSON (Expecting value); "
+                                         f"expected one JSON object per line") and "Traceback" not in err
+    code, err = run("--task", "humaneval", "--score", str(bad), T2_DEBUG="1")
+    assert code == 1 and "Traceback" in err and "line 2 is not JSON" in err
+    code, err = run("--compare", str(tmp_path / "missing.jsonl"), str(bad))
+    assert code == 2 and err.strip() == f"error: {tmp_path / 'missing.jsonl'}: No such file or directory"
+    code, err = run("--task", "gsm9k", "--score", str(bad))
+    assert code == 2 and err.startswith("error: unknown task 'gsm9k'")
+    code, err = run("--task", "gsm8k", "--model", str(tmp_path))  # a folder without config.json
+    assert code == 2 and err.startswith(f"error: {tmp_path}") and err.count("\n") == 1
+    code, err = run("--task", "gsm8k", "--dtype", "fp64")
+    assert code == 2 and "invalid choice: 'fp64'" in err

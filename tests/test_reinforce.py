@@ -26,7 +26,7 @@ def tiny_args(tiny_dir, out, **kw):
     argv = ["--task", "gsm8k", "--model", str(tiny_dir), "--out", str(out), "--batch-size", "4",
             "--micro-batch", "2", "--slots", "4", "--max-new-tokens", "6", "--steps", "3",
             "--eval-every", "2", "--valid-limit", "4", "--kl-coef", "0.1", "--temperature", "1.0",
-            "--threads", "1"]
+            "--threads", "1", "--device", "cpu"]  # gloo on the CPU, also on a GPU machine
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv

@@ -131,3 +131,23 @@ def test_textvqa_and_okvqa_loaders_read_the_official_formats(tmp_path):
     (ok / "val2014" / "COCO_val2014_000000000042.jpg").write_bytes(b"")
     [it] = okvqa.load("test", data_dir=tmp_path)
     assert it["answers"] == ["tennis"] * 10 and okvqa.check([it], ["Tennis."]) == [True]
+
+
+def test_textvqa_valid_and_test_are_disjoint(tmp_path):
+    """valid is held out of TextVQA's train file (1 in 10), test is its val file: early stopping
+    never selects on the reported items, and train never sees valid."""
+    from evals.vqa import textvqa
+    tv = tmp_path / "textvqa"
+    (tv / "train_images").mkdir(parents=True)
+    (tv / "train_images" / "im.jpg").write_bytes(b"")
+
+    def write(part, first_id, n):
+        rows = [{"question_id": first_id + i, "question": "q?", "image_id": "im", "answers": ["a"] * 10} for i in range(n)]
+        (tv / f"TextVQA_0.5.1_{part}.json").write_text(json.dumps({"dataset_name": "textvqa", "data": rows}))
+
+    write("train", 0, 25)
+    write("val", 1000, 4)
+    train, valid, test = (textvqa.load(s, data_dir=tmp_path) for s in ("train", "valid", "test"))
+    ids = [{it["id"] for it in x} for x in (train, valid, test)]
+    assert ids[1] == {0, 10, 20} and ids[2] == {1000, 1001, 1002, 1003} and len(ids[0]) == 22
+    assert not ids[0] & ids[1] and not ids[1] & ids[2] and not ids[0] & ids[2]

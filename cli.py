@@ -1,0 +1,95 @@
+"""What every script shares: --device/--dtype, the process group's device, and one-line errors.
+
+Every entry point (reinforce.py, cem.py, dispatch.py, `python -m evals`, generate.py, vlm.py,
+svf.py, svd_cache.py) uses these three things and nothing else from here:
+
+  add_device_args(parser)    --device (default: cuda when available) and --dtype (default: bf16 on
+                             CUDA, float32 on CPU); device_and_dtype(args) resolves them, one GPU
+                             per local rank under torchrun.
+  all_reduce(t)              sum (or max) a tensor over ranks wherever it lives: NCCL only reduces
+                             CUDA tensors, so a CPU tensor makes a round trip through the GPU.
+  run(main, args)            expected failures (a missing, corrupt or mismatched file, an unknown
+                             task or model type) print `error: <file>: <what is wrong>` and exit 2;
+                             real bugs keep their traceback. T2_DEBUG=1 shows every traceback.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+def add_device_args(parser):
+    g = parser.add_argument_group("device")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    g.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="model weights and activations (default: bf16 on CUDA, fp32 on CPU)")
+    return parser
+
+
+def device_and_dtype(args):
+    """(torch.device, torch.dtype) from --device/--dtype. Under torchrun a bare "cuda" means this
+    process's GPU (LOCAL_RANK), which also becomes the current device, so NCCL uses it."""
+    name = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return device, dtype
+
+
+def init_distributed(device):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL when this rank runs
+    on a GPU, gloo on the CPU (also on a GPU machine with --device cpu)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def all_reduce(t, op=dist.ReduceOp.SUM):
+    """In place, over all ranks; a no-op on a single process. NCCL rejects CPU tensors, so under
+    NCCL a CPU tensor is reduced on this rank's GPU and copied back (they are small: counts,
+    rewards, fitness). Returns t."""
+    if not dist.is_initialized():
+        return t
+    if dist.get_backend() == "nccl" and t.device.type != "cuda":
+        on_gpu = t.to(f"cuda:{torch.cuda.current_device()}")
+        dist.all_reduce(on_gpu, op=op)
+        t.copy_(on_gpu)
+    else:
+        dist.all_reduce(t, op=op)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# One-line errors
+
+def _expected(e):
+    """The message of an expected failure, or None for a real bug (keep its traceback)."""
+    from safetensors import SafetensorError
+    if isinstance(e, FileNotFoundError) and e.filename:  # raised by the OS: "[Errno 2] ..." -> "FILE: ..."
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, json.JSONDecodeError):  # a file parsed without our wrapper: no name to give
+        return f"not JSON ({e})"
+    if isinstance(e, (ValueError, OSError, SafetensorError)):
+        return str(e)
+    return None
+
+
+def run(main, *args):
+    """main(*args), with expected failures as one line on stderr and exit status 2."""
+    try:
+        return main(*args)
+    except Exception as e:
+        msg = _expected(e)
+        if msg is None or os.environ.get("T2_DEBUG") == "1":
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
