@@ -18,6 +18,10 @@ After every update the run directory holds an atomic checkpoint (state.pt): kill
 moment and `--resume` redoes the unfinished update exactly (batches and sampling seeds are
 functions of (seed, step)), reaching the same result as an uninterrupted run.
 
+The same loop trains the baselines of paper Table 4: --adapter lora (lora.py's A, B on --targets,
+e.g. qv, instead of SVF's θ) and --objective sft (the next-token loss on the task's reference
+solutions, teacher-forced, instead of rollouts and rewards); validation and checkpoints are shared.
+
 A LLaVA checkpoint (vlm.py) trains the same way on the VQA tasks: SVF adapts its language model,
 the image reaches rollouts and the policy gradient through the prompt embeddings.
 
@@ -26,6 +30,7 @@ the image reaches rollouts and the policy gradient through the prompt embeddings
         --batch-size 32 --steps 20 --valid-limit 100 --max-new-tokens 320
     torchrun --nproc_per_node=2 reinforce.py ...   # rollouts sharded over ranks, θ grads all-reduced
     python reinforce.py --task easy_vqa --model LLAVA_DIR --out runs/vqa --layers half --wrong-reward -0.1
+    python reinforce.py --task gsm8k --adapter lora --targets qv --objective sft --lr 2e-4 --out runs/lora-sft ...
 """
 import argparse
 import dataclasses
@@ -40,6 +45,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import cli
+import lora
 import svd_cache
 import svf
 import vlm
@@ -59,6 +65,13 @@ def get_args(argv=None):
     g.add_argument("--layers", default=None,
                    help="layer subset: 'half' (every other), 'top' (upper half) or comma-separated indices (default: all)")
     g.add_argument("--parametrization", default="sigmoid", choices=["sigmoid", "raw"], help="z = sigmoid(θ) (official) or z = θ")
+    g.add_argument("--adapter", default="svf", choices=["svf", "lora"],
+                   help="what is trained: SVF's θ (the method) or LoRA's A, B (paper Table 4's baseline; lora.py)")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA r (paper: 16)")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA α, scale α/r (paper: 32)")
+    g.add_argument("--objective", default="rl", choices=["rl", "sft"],
+                   help="rl: REINFORCE on rollouts (the method); sft: next-token loss on the task's reference "
+                        "solutions, no rollouts (paper Table 4's 'next-token' rows)")
     g = p.add_argument_group("optimisation (defaults: paper, Table 6)")
     g.add_argument("--steps", type=int, default=100, help="number of updates")
     g.add_argument("--batch-size", type=int, default=256, help="rollouts per update (global, all ranks)")
@@ -133,14 +146,29 @@ def build_prompts(tok, task, items, vision=None):
     return vlm.prompts_with_images(vision[0], tok, prompts, [[it["image"]] for it in items], vision[1])
 
 
+def use(model, theta, args):
+    """Run the model with the trainable tensors in the forward (differentiable): SVF's z = f(θ) on the
+    factored layers, or LoRA's A, B beside the weights. theta None: exactly the base weights."""
+    if args.adapter == "lora":
+        lora.set_params(model, theta, args.lora_alpha / args.lora_rank)
+    else:
+        svf.set_z(model, None if theta is None else {n: svf.theta_to_z(t, args.parametrization) for n, t in theta.items()})
+
+
+def merged(model, theta, cache, args):
+    """The current adapter folded into the weights (zero-overhead generation), restored on exit."""
+    use(model, None, args)  # the factored / LoRA paths off: the merged weights do the work
+    if args.adapter == "lora":
+        return lora.merged(model, {n: t.detach() for n, t in theta.items()}, scale=args.lora_alpha / args.lora_rank)
+    return svf.merged(model, {n: svf.theta_to_z(t.detach(), args.parametrization) for n, t in theta.items()}, cache)
+
+
 def rollout(model, tok, task, items, theta, cache, args, seed, vision=None):
     """args.samples answers per item with the current expert merged into the weights (zero
     overhead), through the engine (every slot busy; each item's prompt prefilled once).
     Returns evals.common.answer's records, item-major."""
-    zs = {n: svf.theta_to_z(t.detach(), args.parametrization) for n, t in theta.items()}
     prompts, embed = build_prompts(tok, task, items, vision)
-    svf.set_z(model, None)  # the SVFLinear modules run on their (merged) weights
-    with svf.merged(model, zs, cache):
+    with merged(model, theta, cache, args):
         return answer(model, tok, task, items, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                       seed=seed, max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed)
 
@@ -170,11 +198,10 @@ def policy_loss(model, theta, prompt_ids, comp_ids, weights, B, args, chunk=512,
     Answers to the same prompt share that prompt's forward (generate.completion_hidden; share=False
     runs one prompt forward per answer, for the benchmark)."""
     if args.kl_coef > 0:  # the base policy at the same positions (no grad, exact base weights)
-        svf.set_z(model, None)
+        use(model, None, args)
         with torch.no_grad():
             h_ref = completion_hidden(model, prompt_ids, comp_ids, embed, share)[0]
-    zs = {n: svf.theta_to_z(t, args.parametrization) for n, t in theta.items()}
-    svf.set_z(model, zs)
+    use(model, theta, args)
     h, targets, row, _ = completion_hidden(model, prompt_ids, comp_ids, embed, share)
     w = torch.tensor(weights, dtype=torch.float32, device=h.device)[row]  # row lives on the model's device
     pg, kl = h.new_zeros((), dtype=torch.float32), h.new_zeros((), dtype=torch.float32)
@@ -231,7 +258,8 @@ def plot_curve(out, metrics):
 # The steps of a run
 
 def load_policy(args, task, device, dtype):
-    """The base model (or a LLaVA's language model) with SVFLinear modules on the target matrices."""
+    """The base model (or a LLaVA's language model) with the adapter's modules on the target matrices:
+    SVFLinear (and the SVD cache of the targets) or LoRALinear (cache = the target names)."""
     vision = None
     if vlm.is_vlm(args.model):  # LLaVA: SVF adapts its language model; images ride in the prompts
         llava, tok, pre = vlm.load(args.model, device=device, dtype=dtype)
@@ -242,9 +270,29 @@ def load_policy(args, task, device, dtype):
     if task.images != (vision is not None):
         raise ValueError(f"task {args.task} needs a {'LLaVA' if task.images else 'text'} checkpoint; {args.model} is "
                          f"{'a LLaVA' if vision else 'a text model'}")
-    cache = svd_cache.load(model, targets=args.targets, layers=args.layers)
-    svf.attach(model, cache)
+    if args.adapter == "lora":
+        cache = lora.target_names(model, args.targets, args.layers)
+        lora.attach(model, cache)
+    else:
+        cache = svd_cache.load(model, targets=args.targets, layers=args.layers)
+        svf.attach(model, cache)
     return model, tok, vision, cache
+
+
+def init_params(model, cache, args):
+    """θ₀ (SVF, official init: z ≈ 0.525 everywhere, ≈ the base model) or A₀, B₀ = 0 (LoRA: the base model)."""
+    if args.adapter == "lora":
+        return lora.init_params(model, cache, rank=args.lora_rank, seed=args.seed)
+    return svf.init_theta(cache, seed=args.seed)
+
+
+def save_adapter(path, theta, model, cache, args, hparams, **extra):
+    """The trained tensors as an expert (SVF) or adapter (LoRA) file, with the run's settings as metadata."""
+    theta = {n: t.detach() for n, t in theta.items()}
+    if args.adapter == "lora":
+        lora.Adapter.new(theta, model, alpha=args.lora_alpha, **hparams, **extra).save(path)
+    else:
+        svf.Expert.new(theta, model, cache, args.parametrization, **hparams, **extra).save(path)
 
 
 def make_optimizer(params, args):
@@ -305,6 +353,40 @@ def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision
     return m
 
 
+def sft_update(step, model, tok, task, train, theta, opt, sched, args):
+    """One next-token update (--objective sft, paper Table 4): the mean negative log-likelihood of the
+    task's reference solutions (task.reference) given their prompts, teacher-forced; no rollouts."""
+    rank, ws = world()
+    t0 = time.time()
+    idx = batch_indices(step, len(train), args.batch_size, args.seed)
+    items = [train[i] for i in idx[rank::ws]]
+    end = "" if task.stop else (tok.eos_token or "")  # GSM8K: the answer ends the turn; code ends at its fence
+    prompts = [tok.encode(render_prompt(tok, task, it)) for it in items]
+    targets = [tok.encode(task.reference(it) + end) for it in items]
+    n_tok = float(all_sum(torch.tensor([float(sum(map(len, targets)))], dtype=torch.float64))[0])
+    opt.zero_grad(set_to_none=True)
+    nll = 0.0
+    for s in range(0, len(items), args.micro_batch):
+        use(model, theta, args)
+        h, tgt, _, _ = completion_hidden(model, prompts[s:s + args.micro_batch], targets[s:s + args.micro_batch])
+        loss = sum(-model.lm_head(h[c:c + 512]).float().log_softmax(-1).gather(-1, tgt[c:c + 512, None]).sum()
+                   for c in range(0, len(tgt), 512)) / n_tok  # prompt tokens never count (completion only)
+        loss.backward()
+        nll += float(loss.detach())
+    use(model, None, args)
+    params = list(theta.values())
+    for t in params:
+        if t.grad is None:
+            t.grad = torch.zeros_like(t)
+        all_sum(t.grad)
+    nll = float(all_sum(torch.tensor([nll], dtype=torch.float64))[0])
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+    opt.step()
+    sched.step()
+    return {"step": step + 1, "nll": nll, "tokens": int(n_tok), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
+            "seconds": time.time() - t0}
+
+
 def validate(step, model, tok, task, valid, theta, cache, args, vision=None):
     """Greedy accuracy of the current expert on the validation items (sharded over ranks), with the
     per-item verdicts (rank 0 writes valid-step{N}.jsonl, for paired tests between steps)."""
@@ -347,6 +429,8 @@ def main(args):
     if args.batch_size % args.samples or (args.batch_size // args.samples) % ws:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --samples {args.samples} "
                          f"times the {ws} rank(s): each rank answers whole questions")
+    if args.objective == "sft" and not hasattr(task, "reference"):
+        raise ValueError(f"--objective sft needs reference solutions; task {args.task} has none (gsm8k and mbpp do)")
     if args.baseline and args.samples < 2:
         raise ValueError("--baseline loo compares answers to the same prompt: it needs --samples 2 or more")
     if args.wrong_reward is not None:  # a training choice (the paper's VLM runs: -0.1), not the task's
@@ -357,12 +441,16 @@ def main(args):
     model, tok, vision, cache = load_policy(args, task, device, dtype)
     train = task.load("train")[:args.train_limit]
     valid = task.load("valid")[:args.valid_limit]
-    theta = {n: t.to(device).requires_grad_(True) for n, t in svf.init_theta(cache, seed=args.seed).items()}
+    theta = {n: t.to(device).requires_grad_(True) for n, t in init_params(model, cache, args).items()}
     opt, sched = make_optimizer(list(theta.values()), args)
 
     hparams = {k: getattr(args, k) for k in ("task", "targets", "layers", "steps", "batch_size", "lr", "optimizer",
                                              "weight_decay", "clip", "kl_coef", "kl_direction", "temperature",
                                              "samples", "max_new_tokens", "seed", "wrong_reward", "baseline")}
+    if args.adapter != "svf" or args.objective != "rl":  # recorded when not the method's defaults
+        hparams.update(adapter=args.adapter, objective=args.objective)
+    if args.adapter == "lora":
+        hparams.update(lora_rank=args.lora_rank)
     st = {"step": 0, "metrics": [], "best": -1.0, "since_best": 0}
     ckpt = out / "state.pt"
     if args.resume and ckpt.exists():
@@ -378,9 +466,8 @@ def main(args):
         if rank == 0:
             print(f"resumed {ckpt} at update {st['step']}")
 
-    def save(name, **extra):  # the current θ as an expert file, with the run's settings as metadata
-        svf.Expert.new({n: t.detach() for n, t in theta.items()}, model, cache, args.parametrization,
-                       **hparams, **extra).save(out / name)
+    def save(name, **extra):  # the current θ as an expert (adapter) file, with the run's settings as metadata
+        save_adapter(out / name, theta, model, cache, args, hparams, **extra)
 
     def keep(m, step):  # the validation bookkeeping: best expert, patience
         if m["valid_acc"] > st["best"]:
@@ -410,7 +497,10 @@ def main(args):
 
     bar = tqdm(range(st["step"], args.steps), initial=st["step"], total=args.steps, desc="updates", disable=rank > 0)
     for step in bar:
-        m = update(step, model, tok, task, train, theta, opt, sched, cache, args, vision)
+        if args.objective == "sft":
+            m = sft_update(step, model, tok, task, train, theta, opt, sched, args)
+        else:
+            m = update(step, model, tok, task, train, theta, opt, sched, cache, args, vision)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             m.update(validate(step + 1, model, tok, task, valid, theta, cache, args, vision))
             keep(m, step + 1)
@@ -420,11 +510,14 @@ def main(args):
         if rank == 0:
             save("last.safetensors", step=step + 1)
             plot_curve(out, st["metrics"])
-            tqdm.write(f"step {step + 1} | reward {m['reward']:+.2f} | right {m['train_acc']:.1%} | cut {m['cut']:.0%} | "
-                       f"kl {m['kl']:.4f} | |g| {m['grad_norm']:.2e} | {m['rollouts']} rollouts, {m['gen_tokens']} tokens | "
-                       f"{m['t_rollout']:.0f} s rollout + {m['t_backward']:.0f} s backward"
-                       + (f" | mixed {m['mixed']:.0%}" if "mixed" in m else "")
-                       + (f" | valid {m['valid']}, cut {m['valid_cut']:.0%}" if "valid" in m else ""))
+            if args.objective == "sft":
+                line = f"step {step + 1} | nll {m['nll']:.3f}/token | {m['tokens']} tokens | |g| {m['grad_norm']:.2e} | {m['seconds']:.0f} s"
+            else:
+                line = (f"step {step + 1} | reward {m['reward']:+.2f} | right {m['train_acc']:.1%} | cut {m['cut']:.0%} | "
+                        f"kl {m['kl']:.4f} | |g| {m['grad_norm']:.2e} | {m['rollouts']} rollouts, {m['gen_tokens']} tokens | "
+                        f"{m['t_rollout']:.0f} s rollout + {m['t_backward']:.0f} s backward"
+                        + (f" | mixed {m['mixed']:.0%}" if "mixed" in m else ""))
+            tqdm.write(line + (f" | valid {m['valid']}, cut {m['valid_cut']:.0%}" if "valid" in m else ""))
         if st["since_best"] >= args.patience:
             if rank == 0:
                 tqdm.write(f"early stop: {args.patience} validations without improvement")

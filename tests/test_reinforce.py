@@ -164,3 +164,37 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path, sampled):
     assert ma["reward"] == mb["reward"] and abs(ma["kl"] - mb["kl"]) < 1e-6
     if sampled:  # greedy answers to one prompt agree, so the baseline zeroes every row on both ranks
         assert ma["mixed"] == mb["mixed"] == 0.0
+
+
+# ---------------------------------------------------------------- the baselines of paper Table 4
+
+def test_lora_rl_update_trains_only_b_first(tiny_dir, tmp_path):
+    """--adapter lora: one REINFORCE update through the same loop; B starts at 0 and moves, the
+    adapter file loads back and fits the model."""
+    import lora
+    env_out = tmp_path / "lora"
+    st = reinforce.main(reinforce.get_args(tiny_args(tiny_dir, env_out, steps=1, eval_every=1, adapter="lora",
+                                                     targets="qv", lora_rank=2, kl_coef=0, device="cpu")))
+    assert st["step"] == 1
+    a = lora.Adapter.load(env_out / "last.safetensors")
+    model = Transformer.from_pretrained(tiny_dir)
+    a.check(model)
+    assert a.meta["rank"] == "2" and a.meta["adapter"] == "lora" and a.n_params() > 0
+    assert any(float(t.abs().max()) > 0 for n, t in a.params.items() if n.endswith("lora_B"))
+
+
+def test_sft_objective_lowers_the_reference_nll(tiny_dir, tmp_path):
+    """--objective sft: updates on the same reference solutions lower their per-token NLL; the
+    prompt tokens are not in the loss (token counts = reference tokens only)."""
+    from evals import get_task
+    out = tmp_path / "sft"
+    argv = tiny_args(tiny_dir, out, steps=4, eval_every=4, objective="sft", train_limit=2, batch_size=2, lr=0.05,
+                     device="cpu")
+    st = reinforce.main(reinforce.get_args(argv))
+    nll = [m["nll"] for m in st["metrics"] if "nll" in m]
+    assert len(nll) == 4 and nll[-1] < nll[0] - 0.05, nll
+    tok = Tokenizer.from_pretrained(tiny_dir)
+    task = get_task("gsm8k")
+    items = task.load("train")[:2]
+    want = sum(len(tok.encode(task.reference(it) + tok.eos_token)) for it in items)
+    assert all(m["tokens"] == want for m in st["metrics"] if "tokens" in m)
