@@ -2,6 +2,7 @@
 The code sandbox has its own file (tests/test_sandbox.py).
 Run: .venv/bin/python -m pytest -q tests/test_evals.py"""
 import json
+import re
 
 import pytest
 
@@ -176,9 +177,30 @@ def test_math_equivalence(pred, gold, same):
     assert equivalent(pred, gold) is same
 
 
-def test_math_gold_answers_are_self_consistent(loaded):
+def rational(gold):
+    """The exact value of a gold answer that is a plain integer, decimal or (signed) fraction, else None."""
+    from fractions import Fraction
+    m = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}", gold.strip())
+    if m:
+        return (-1 if m[1] else 1) * Fraction(int(m[2]), int(m[3]))
+    return Fraction(gold.strip()) if re.fullmatch(r"-?\d+(\.\d+)?", gold.strip()) else None
+
+
+def test_math_gold_answers_against_exact_fractions(loaded):
+    """Real gold answers, judged against Python's exact `Fraction` values (an independent reference):
+    a gold equals its own value written as a decimal, differs from a value 1% off, and two golds are
+    equivalent exactly when their fractions are equal."""
+    golds = [(it["gold"], rational(it["gold"])) for it in loaded["math", "test"][::10]]
+    golds = [(g, v) for g, v in golds if v is not None]
+    assert len(golds) > 300
+    for g, v in golds:
+        assert equivalent(f"{float(v):.8f}", g), g  # "\\frac{3}{4}" vs "0.75000000": the sympy path
+        assert not equivalent(f"{float(v + max(abs(v), 1) / 100):.8f}", g), g
+    pairs = list(zip(golds, golds[1:] + golds[:1]))
+    verdicts = [equivalent(a, b) for (a, _), (b, _) in pairs]
+    assert verdicts == [va == vb for (_, va), (_, vb) in pairs]
+    assert 0 < sum(verdicts) < len(pairs)  # both kinds of pair occur
     items = loaded["math", "test"]
-    assert all(equivalent(it["gold"], it["gold"]) for it in items[::10])
     task = get_task("math")
     assert task.check(items[:3], [f"... so \\boxed{{{it['gold']}}}" for it in items[:3]]) == [True] * 3
     assert task.check(items[:1], ["I give up"]) == [False]
