@@ -11,15 +11,31 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-import reinforce
-import svd_cache
-import svf
-from generate import Tokenizer, score
-from model import Transformer
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import reinforce  # noqa: E402
+import svd_cache  # noqa: E402
+import svf  # noqa: E402
+from evals import TASKS  # noqa: E402
+from evals.gsm8k import GSM8K  # noqa: E402
+from generate import Tokenizer, score  # noqa: E402
+from model import Transformer  # noqa: E402
+
+
+class Parity(GSM8K):
+    """Real GSM8K prompts; 'correct' iff the completion has an even number of characters, so a
+    tiny random model gets both verdicts and its validation accuracy moves with θ."""
+
+    def check(self, items, completions):
+        return [len(c) % 2 == 0 for c in completions]
+
+
+TASKS["parity"] = Parity("parity", splits=("train", "valid", "test"), max_new_tokens=6)
 
 
 def tiny_args(tiny_dir, out, **kw):
@@ -90,6 +106,19 @@ def test_kl_is_zero_at_uniform_z(real):
     assert kl > 1e-3
 
 
+def test_kl_directions_against_torch_kl_div():
+    """paper KL(π′‖π) and official KL(π‖π′), on random log-probabilities, against F.kl_div
+    (which computes KL(target‖input) from log-probabilities with log_target=True)."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(5, 7, 11, generator=g).mul(2).log_softmax(-1)     # π′: the adapted policy
+    ref = torch.randn(5, 7, 11, generator=g).mul(2).log_softmax(-1)      # π: the base policy
+    paper = F.kl_div(ref, logp, log_target=True, reduction="none").sum(-1)     # KL(π′‖π)
+    official = F.kl_div(logp, ref, log_target=True, reduction="none").sum(-1)  # KL(π‖π′)
+    torch.testing.assert_close(reinforce.kl_per_token(logp, ref, "paper"), paper)
+    torch.testing.assert_close(reinforce.kl_per_token(logp, ref, "official"), official)
+    assert (paper - official).abs().min() > 1e-3  # the two directions really differ here
+
+
 def test_leave_one_out_baseline_by_hand():
     # two prompts x 3 answers: [+1, -1, -1] and [+1, +1, +1]
     r = [1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
@@ -110,10 +139,10 @@ def test_batches_are_without_replacement():
 def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"))
     full = tmp_path / "full"
-    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, full)], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, full, steps=4)], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut, steps=4)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it once update 1 is checkpointed, mid-way through the run
@@ -124,8 +153,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = torch.load(cut / "state.pt", weights_only=False)
-    assert 1 <= state["step"] <= 3
-    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut), "--resume"], cwd=ROOT, env=env,
+    assert 1 <= state["step"] < 4, state["step"]  # killed mid-run: --resume has updates left to redo
+    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut, steps=4), "--resume"], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     a, b = thetas(full / "last.safetensors"), thetas(cut / "last.safetensors")
     assert a.keys() == b.keys()
@@ -135,9 +164,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert any(not torch.allclose(a[n], init[n]) for n in a)  # it did train
     ma = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [0, 1, 2, 3]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [0, 1, 2, 3, 4]
     assert (full / "best.safetensors").exists() and (full / "curve.png").exists()
-    meta = json.loads(json.dumps(__import__("safetensors").safe_open(full / "best.safetensors", "pt").metadata()))
+    meta = safe_open(full / "best.safetensors", "pt").metadata()
     assert meta["task"] == "gsm8k" and meta["lr"] == "0.002" and "valid_acc" in meta
 
 
