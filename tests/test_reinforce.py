@@ -175,14 +175,18 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path, sampled):
     env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(steps=1, eval_every=1, temperature=0.0)
-    if sampled:  # the 2 answers to each prompt land on different ranks: the baseline needs both;
-        # greedy keeps the ranks' rollouts equal to one process's, so every row's weight is 0 and
-        # this checks the path where a rank has no row to backpropagate
-        common = dict(steps=1, eval_every=1, temperature=0.0, samples=2, baseline="loo", kl_coef=0)
-    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, one, **common)], cwd=ROOT, env=env,
+    script = "reinforce.py"
+    if sampled:  # the 2 answers to each prompt land on different ranks, so the leave-one-out weights
+        # need both ranks' rewards; sampled answers (row-wise seeds, see ROW_SEEDS) to the parity task
+        # get mixed verdicts, so the weights are not all zero and a real gradient is compared
+        common = dict(steps=1, eval_every=1, temperature=1.0, samples=2, baseline="loo", kl_coef=0, task="parity",
+                      batch_size=8, rollout_batch=8)
+        script = __file__
+        env[ROW_SEEDS] = "1"
+    subprocess.run([sys.executable, script, *tiny_args(tiny_dir, one, **common)], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        "reinforce.py", *tiny_args(tiny_dir, two, **common)], cwd=ROOT, env=env, capture_output=True,
+                        script, *tiny_args(tiny_dir, two, **common)], cwd=ROOT, env=env, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = thetas(one / "last.safetensors"), thetas(two / "last.safetensors")
@@ -191,5 +195,57 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path, sampled):
     ma = json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])
     mb = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
     assert ma["reward"] == mb["reward"] and abs(ma["kl"] - mb["kl"]) < 1e-6
-    if sampled:  # greedy answers to one prompt agree, so the baseline zeroes every row on both ranks
-        assert ma["mixed"] == mb["mixed"] == 0.0
+    if sampled:
+        assert ma["mixed"] == mb["mixed"] > 0, ma  # some prompts had a right and a wrong answer
+        assert ma["pg_loss"] == pytest.approx(mb["pg_loss"], rel=1e-5) and ma["grad_norm"] > 0
+        init = svf.init_theta(svd_cache.load(Transformer.from_pretrained(tiny_dir), "mlp", root=tmp_path / "cache"))
+        assert any(not torch.allclose(a[n], init[n]) for n in a)  # θ moved: the gradient was not zero
+
+
+def test_patience_stops_and_best_is_the_best_validation(tiny_dir, tmp_path, monkeypatch):
+    """--patience 2: training stops after two validations without a strict improvement, and
+    best.safetensors is the expert of the best (first best, on ties) validation in metrics.jsonl."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    st = reinforce.main(reinforce.get_args(tiny_args(tiny_dir, out, task="parity", steps=12, eval_every=1,
+                                                     valid_limit=8, patience=2, lr=1.0, optimizer="adam")))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accs = [m["valid_acc"] for m in metrics]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))  # the first of the best
+    assert 0 < best < len(accs) - 1, accs  # validation improved, then fell: "best" is neither the first nor the last
+    assert len(metrics) == best + 3 < 13, accs  # two validations after the best, then the stop
+    assert all(a <= accs[best] for a in accs[best + 1:]) and st["best"] == accs[best]
+    meta = safe_open(out / "best.safetensors", "pt").metadata()
+    assert int(meta["step"]) == metrics[best]["step"] and float(meta["valid_acc"]) == pytest.approx(accs[best])
+    last = safe_open(out / "last.safetensors", "pt").metadata()
+    assert int(last["step"]) == metrics[-1]["step"] == best + 2
+    b, l = thetas(out / "best.safetensors"), thetas(out / "last.safetensors")
+    assert any(not torch.equal(b[n], l[n]) for n in b)  # the best expert is not the last one
+
+
+# Run as a script (`python tests/test_reinforce.py ARGS`), this file is reinforce.py's CLI with the
+# parity task and, when ROW_SEEDS is set, rollouts that sample each row alone with a seed of its
+# global row index: independent of the rank and of the batch, so 1 process and 2 ranks draw the
+# same answers at temperature > 0 (reinforce.py's own seeds include the rank).
+ROW_SEEDS = "T2_TEST_ROW_SEEDS"
+
+
+def row_seeded_rollout(model, tok, task, items, prompts, theta, cache, args, seed, vision=None):
+    if args.temperature == 0:
+        return ROLLOUT(model, tok, task, items, prompts, theta, cache, args, seed, vision)
+    rank, ws = reinforce.world()
+    ids, correct = [], []
+    for j in range(len(items)):  # local row j is global row j * ws + rank (rows are dealt round-robin)
+        out, ok = ROLLOUT(model, tok, task, items[j:j + 1], prompts[j:j + 1], theta, cache, args,
+                          seed - rank + 31 * (j * ws + rank), vision)
+        ids += out
+        correct += ok
+    return ids, correct
+
+
+ROLLOUT = reinforce.rollout
+
+if __name__ == "__main__":
+    if os.environ.get(ROW_SEEDS):
+        reinforce.rollout = row_seeded_rollout
+    reinforce.main(reinforce.get_args())
