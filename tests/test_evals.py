@@ -312,3 +312,44 @@ def test_score_rejects_unknown_ids(tmp_path):
     src.write_text(json.dumps({"id": "HumanEval/999", "completion": ""}) + "\n")
     with pytest.raises(SystemExit, match="not in humaneval"):
         main(parse_args(["--task", "humaneval", "--score", str(src)]))
+
+
+# ----------------------------------------------------------------------------- --expert, against transformers
+
+def test_cli_expert_matches_transformers_with_adapted_weights(tiny_dir, tmp_path, monkeypatch):
+    """`python -m evals --expert F` (behind every "+ expert" number) answers as a transformers model
+    whose MLP weights were replaced by hand with W′ = U·diag(σ ⊙ z·Σσ/Σσz)·Vᵀ (the expert's z,
+    rescaled), and not as the base model."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import svd_cache
+    import svf
+    from model import Transformer
+
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    cache = svd_cache.load(Transformer.from_pretrained(tiny_dir), "mlp")
+    g = torch.Generator().manual_seed(0)
+    theta = {n: 2 * torch.randn(cache.rank(n), generator=g) for n in cache.names}
+    svf.Expert.new(theta, Transformer.from_pretrained(tiny_dir), cache, task="gsm8k").save(tmp_path / "e.safetensors")
+    common = ["--task", "gsm8k", "--model", str(tiny_dir), "--limit", "3", "--max-new-tokens", "8", "--batch-size", "2"]
+    base = main(parse_args([*common, "--out", str(tmp_path / "base.jsonl")]))
+    rows = main(parse_args([*common, "--expert", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "e.jsonl")]))
+    assert [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()] == rows and len(rows) == 3
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
+    weights = load_file(tmp_path / "e.safetensors")
+    assert len(weights) == 6  # 2 layers x gate, up, down
+    with torch.no_grad():
+        for name, th in weights.items():
+            W = hf.get_parameter(name)
+            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+            z = torch.sigmoid(th.double())
+            W.copy_((U * (S * z * S.sum() / (S * z).sum())) @ Vh)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    for row in rows:
+        ids = tok(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+        assert row["completion"] == tok.decode(out, skip_special_tokens=True), row["id"]
+    assert [r["completion"] for r in rows] != [r["completion"] for r in base]  # the expert really acts
