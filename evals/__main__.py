@@ -5,7 +5,7 @@
     python -m evals --task humaneval --score samples.jsonl --out results.jsonl   # no model needed
     python -m evals --compare runs/base.jsonl runs/expert.jsonl                  # paired McNemar test
 
-Per-item output lines: {"id", "completion", "extracted", "gold", "cut", "correct"}; the summary line
+Per-item output lines: {"id", "prompt", "completion", "extracted", "gold", "cut", "correct"}; the summary line
 gives accuracy with a 95% Wilson interval and the format apart from it: how many answers had a final
 answer (answered), how many ran into the token cap (cut), and the accuracy among the finished ones. `--score FILE` reads JSONL lines with native `id`
 and `completion` and writes {"id", "correct"} per line, in input order (ids may repeat). Native ids:
@@ -91,8 +91,8 @@ def evaluate(args, task):
     t0 = time.time()
     records = generate_all(args, task, items)
     t_gen = time.time() - t0
-    rows = [{"id": it["id"], "completion": r["completion"], "extracted": r["extracted"], "gold": it["gold"],
-             "cut": r["cut"], "correct": r["correct"]} for it, r in zip(items, records)]
+    rows = [{"id": it["id"], "prompt": r["prompt"], "completion": r["completion"], "extracted": r["extracted"],
+             "gold": it["gold"], "cut": r["cut"], "correct": r["correct"]} for it, r in zip(items, records)]
     if args.out:
         write_jsonl(args.out, rows)
     n = len(records)

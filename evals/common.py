@@ -190,7 +190,8 @@ def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temper
     zs / rescale / base_rows / embed: per-item SVF scales and the prefill hook, as in generate.generate;
     check=False skips the checker (items without gold, e.g. dispatch's pass 1).
     Returns one record per answer, item-major (item i's samples at i*samples ... i*samples+samples-1):
-      prompt_ids, ids (generated ids), completion (text), extracted (None: no final answer found),
+      prompt (the text, when prompts are strings), prompt_ids, ids (generated ids), completion (text),
+      extracted (None: no final answer found),
       cut (ran into the token cap), correct.
     """
     from generate import generate  # torch is imported only by callers that generate
@@ -203,7 +204,8 @@ def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temper
                  slots=slots, zs=zs, rescale=rescale, base_rows=base_rows, embed=embed)
     rows = [items[r // samples] for r in range(len(g.ids))]
     correct = task.check(rows, g.texts) if check else [None] * len(rows)
-    return [{"prompt_ids": prompt_ids[r // samples], "ids": ids, "completion": text, "extracted": task.extract(text),
+    return [{"prompt": prompts[r // samples] if isinstance(prompts[r // samples], str) else None,
+             "prompt_ids": prompt_ids[r // samples], "ids": ids, "completion": text, "extracted": task.extract(text),
              "cut": cut, "correct": ok} for r, (ids, text, cut, ok) in enumerate(zip(g.ids, g.texts, g.cut, correct))]
 
 

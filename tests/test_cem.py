@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from scipy.stats import binomtest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -52,7 +54,11 @@ def test_cem_finds_the_optimum_of_a_toy_objective():
         return (1 - d).mul(10).floor() / 10, -d
     best, hist = cem.cem(fitness, (3,), cem_args(population=32, elites=6, generations=40), log=lambda *_: None)
     assert (best - target).abs().max() < 0.05, best
-    assert hist[-1]["best_acc"] >= hist[0]["best_acc"]
+    acc, ll = fitness(best[None])  # the last record describes the α returned
+    assert (hist[-1]["best_acc"], hist[-1]["best_ll"]) == (float(acc), float(ll))
+    # the search distribution itself moved onto the optimum (mean and std follow the elites)
+    assert hist[0]["mean_acc"] < 0.5 and hist[-1]["mean_acc"] == 1.0, (hist[0]["mean_acc"], hist[-1]["mean_acc"])
+    assert hist[-1]["best_ll"] > hist[0]["best_ll"]  # the ties at 0.9 were broken towards the target
 
 
 def test_ties_are_broken_by_log_likelihood():
@@ -154,12 +160,61 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
     assert [h["best_acc"] for h in one["history"]] == [h["best_acc"] for h in two["history"]]
     assert (tmp_path / "one" / "alpha.png").exists() and (tmp_path / "one" / "adapted.safetensors").exists()
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
-    assert summary["cem"]["n"] == 8 and 0 <= summary["p_vs_base"] <= 1
+    verdicts = {name: [json.loads(line)["correct"] for line in (tmp_path / "one" / f"{name}.jsonl").read_text().splitlines()]
+                for name in ("cem", "base", "uniform")}
+    for name, v in verdicts.items():
+        assert summary[name]["n"] == len(v) == 8 and summary[name]["correct"] == sum(v), name
+    for other in ("base", "uniform"):  # exact McNemar = two-sided binomial test on the discordant pairs (scipy)
+        wins = sum(a and not b for a, b in zip(verdicts["cem"], verdicts[other]))
+        losses = sum(b and not a for a, b in zip(verdicts["cem"], verdicts[other]))
+        want = binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
+        assert summary[f"p_vs_{other}"] == pytest.approx(want, abs=1e-12), other
     # the report is the first 8 items of the split in file order, minus the 4 shots
     reported = [json.loads(line)["id"] for line in (tmp_path / "one" / "base.jsonl").read_text().splitlines()]
     ids = [it["id"] for it in TASKS["parity"].load("test")]
     assert not set(one["shots"]) & set(reported) and len(one["shots"]) == 4
     assert reported == [i for i in ids if i not in one["shots"]][:8]
+
+
+@pytest.mark.parametrize("flags", [["--per-layer"], ["--mode", "theta"]])
+def test_cli_per_layer_and_theta_mode(tiny_dir, tmp_path, monkeypatch, flags):
+    """The saved expert is the mix the flags ask for, recomputed by hand from the expert files:
+    --per-layer: z′(m) = Σ_k α[k, m]·sigmoid(θ_k(m)), one α per expert and matrix;
+    --mode theta: z′ = sigmoid(Σ_k α_k·θ_k) (the official code's mix), not Σ_k α_k·sigmoid(θ_k).
+    dispatch.py --strategy fewshot reads the same α back to the same z′."""
+    import dispatch
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    model = Transformer.from_pretrained(tiny_dir)
+    cache = svd_cache.load(model, "mlp")
+    paths = []
+    for i, e in enumerate(random_experts(model, cache)):
+        paths.append(str(tmp_path / f"e{i}.safetensors"))
+        e.save(paths[-1])
+    out = tmp_path / "out"
+    summary = cem.main(cem.get_args(["--task", "parity", "--model", str(tiny_dir), "--experts", *paths, "--shots", "2",
+                                     "--limit", "2", "--generations", "2", "--population", "4", "--elites", "2",
+                                     "--max-new-tokens", "3", "--out", str(out), *flags]))
+    assert summary["cem"]["n"] == 2
+    spec = json.loads((out / "alpha.json").read_text())
+    alpha = torch.tensor(spec["alpha"])
+    thetas = [load_file(p) for p in paths]
+    names = list(svf.Expert.load(paths[0]).theta)  # the model's order of matrices: α's columns
+    assert sorted(names) == sorted(cache.names) and len(names) == 6  # 2 layers x gate, up, down
+    adapted = load_file(out / "adapted.safetensors")
+    assert sorted(adapted) == sorted(names)
+    for j, n in enumerate(names):
+        if "--per-layer" in flags:
+            assert alpha.shape == (3, len(names)) and spec["per_layer"]
+            want = sum(float(alpha[k, j]) * torch.sigmoid(thetas[k][n]) for k in range(3))
+        else:
+            assert alpha.shape == (3,) and spec["mode"] == "theta"
+            want = torch.sigmoid(sum(float(alpha[k]) * thetas[k][n] for k in range(3)))
+        torch.testing.assert_close(adapted[n], want, rtol=1e-5, atol=1e-6)
+    if "--per-layer" in flags:  # the columns really differ, so a per-expert α would not pass
+        assert not torch.allclose(alpha[:, 0], alpha[:, 1])
+    zs, _ = dispatch.fewshot_z(out / "alpha.json")
+    for n in names:
+        torch.testing.assert_close(zs[n], adapted[n], rtol=1e-5, atol=1e-6)
 
 
 if __name__ == "__main__":

@@ -225,11 +225,12 @@ def test_cli_task_and_prompt_end_to_end(tiny_run):
     assert sum(s["confusion"][CATEGORIES.index("math")]) == 3  # gsm8k's true category is math
     assert s["pass1_s"] > 0 and s["pass2_s"] > 0 and "mcnemar_p" in s and "(n=3)" in s["acc"]
     rows = [json.loads(line) for line in (tmp / "out" / "items.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(r["category"] in CATEGORIES for r in rows)
+    assert len(rows) == 3 and [r["category"] for r in rows] == [cls_task.extract(r["pass1"]) for r in rows]
+    predicted = Counter(r["category"] for r in rows)  # the confusion's columns are the rows' categories
+    assert [sum(row[j] for row in s["confusion"]) for j in range(len(CATEGORIES))] == [predicted[c] for c in CATEGORIES]
     assert (tmp / "out" / "confusion.png").stat().st_size > 0
     assert json.loads((tmp / "out" / "summary.json").read_text())["n"] == 3
     one = dispatch.main(dispatch.get_args(["Write a function that adds two numbers.", "--max-new-tokens", "3", *common]))
-    assert one["category"] in CATEGORIES
     assert one["expert"] == ("base weights" if one["category"] == "other" else f"{tmp / one['category']}.safetensors")
 
 
@@ -246,3 +247,46 @@ def test_fewshot_task_leaves_out_the_cem_shots(tiny_run):
                                          "--threads", "1", "--out", str(tmp / "few")]))
     rows = [json.loads(line)["id"] for line in (tmp / "few" / "items.jsonl").read_text().splitlines()]
     assert s["n"] == 3 and rows == [items[0]["id"], items[2]["id"], items[4]["id"]]
+
+
+@pytest.fixture
+def varied_run(tiny_dir, tmp_path, monkeypatch):
+    """conftest's tiny model (large random weights: its texts vary with the prompt and the expert)
+    and three expert files for it."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    loaded = Transformer.from_pretrained(tiny_dir)
+    specs = []
+    for cat, e in random_experts(loaded, svd_cache.load(loaded, "mlp")).items():
+        e.save(tmp_path / f"{cat}.safetensors")
+        specs.append(f"{cat}={tmp_path / cat}.safetensors")
+    return tiny_dir, specs, tmp_path
+
+
+def test_cli_classify_only_cls_and_free_form(varied_run):
+    """--classify-only writes pass 1 only (no domain experts needed); --strategy cls answers pass 1
+    with z^c merged (other texts than the base prompt's); --free-form drops the "\\boxed{" prefill.
+    Each row's category is the parse of its own pass-1 text."""
+    folder, specs, tmp = varied_run
+    common = ["--task", "gsm8k", "--limit", "4", "--batch-size", "2", "--model", str(folder), "--threads", "1"]
+
+    def run(name, *flags):
+        s = dispatch.main(dispatch.get_args([*common, "--out", str(tmp / name), *flags]))
+        rows = [json.loads(line) for line in (tmp / name / "items.jsonl").read_text().splitlines()]
+        assert s["n"] == len(rows) == 4 and sum(map(sum, s["confusion"])) == 4
+        return s, rows
+
+    cls_file = specs[0].split("=", 1)[1]  # any expert serves as z^c
+    prompt, rows_p = run("prompt", "--classify-only")
+    cls, rows_c = run("cls", "--classify-only", "--strategy", "cls", "--cls-expert", cls_file)
+    free, rows_f = run("free", "--classify-only", "--free-form", "--experts", *specs)
+    for s, rows, task in ((prompt, rows_p, cls_task), (cls, rows_c, cls_task), (free, rows_f, dispatch.free_form)):
+        assert "pass2_s" not in s and "acc" not in s and all("completion" not in r for r in rows)  # pass 1 only
+        assert [r["category"] for r in rows] == [task.extract(r["pass1"]) for r in rows]
+        assert s["dispatch_acc"] == sum(r["category"] == "math" for r in rows) / 4  # gsm8k is math
+    assert [r["id"] for r in rows_c] == [r["id"] for r in rows_p]
+    assert [r["pass1"] for r in rows_c] != [r["pass1"] for r in rows_p]  # z^c was merged for pass 1
+    assert [r["pass1"] for r in rows_f] != [r["pass1"] for r in rows_p]  # another prompt (no prefill)
+    # --strategy cls end to end: pass 2 routed by z^c's labels
+    s, rows = run("cls2", "--strategy", "cls", "--cls-expert", cls_file, "--experts", *specs, "--max-new-tokens", "2")
+    assert s["strategy"] == "cls" and "(n=4)" in s["acc"] and all("completion" in r for r in rows)
+    assert [r["pass1"] for r in rows] == [r["pass1"] for r in rows_c]

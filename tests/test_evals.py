@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest -q tests/test_evals.py"""
 import json
 import os
 from pathlib import Path
+import re
 
 import pytest
 
@@ -178,9 +179,30 @@ def test_math_equivalence(pred, gold, same):
     assert equivalent(pred, gold) is same
 
 
-def test_math_gold_answers_are_self_consistent(loaded):
+def rational(gold):
+    """The exact value of a gold answer that is a plain integer, decimal or (signed) fraction, else None."""
+    from fractions import Fraction
+    m = re.fullmatch(r"(-?)\\[dt]?frac\{(\d+)\}\{(\d+)\}", gold.strip())
+    if m:
+        return (-1 if m[1] else 1) * Fraction(int(m[2]), int(m[3]))
+    return Fraction(gold.strip()) if re.fullmatch(r"-?\d+(\.\d+)?", gold.strip()) else None
+
+
+def test_math_gold_answers_against_exact_fractions(loaded):
+    """Real gold answers, judged against Python's exact `Fraction` values (an independent reference):
+    a gold equals its own value written as a decimal, differs from a value 1% off, and two golds are
+    equivalent exactly when their fractions are equal."""
+    golds = [(it["gold"], rational(it["gold"])) for it in loaded["math", "test"][::10]]
+    golds = [(g, v) for g, v in golds if v is not None]
+    assert len(golds) > 300
+    for g, v in golds:
+        assert equivalent(f"{float(v):.8f}", g), g  # "\\frac{3}{4}" vs "0.75000000": the sympy path
+        assert not equivalent(f"{float(v + max(abs(v), 1) / 100):.8f}", g), g
+    pairs = list(zip(golds, golds[1:] + golds[:1]))
+    verdicts = [equivalent(a, b) for (a, _), (b, _) in pairs]
+    assert verdicts == [va == vb for (_, va), (_, vb) in pairs]
+    assert 0 < sum(verdicts) < len(pairs)  # both kinds of pair occur
     items = loaded["math", "test"]
-    assert all(equivalent(it["gold"], it["gold"]) for it in items[::10])
     task = get_task("math")
     assert task.check(items[:3], [f"... so \\boxed{{{it['gold']}}}" for it in items[:3]]) == [True] * 3
     assert task.check(items[:1], ["I give up"]) == [False]
@@ -343,3 +365,44 @@ def test_cli_bad_input_is_one_line_naming_the_file(tmp_path):
     assert code == 2 and err.startswith(f"error: {tmp_path}") and err.count("\n") == 1
     code, err = run("--task", "gsm8k", "--dtype", "fp64")
     assert code == 2 and "invalid choice: 'fp64'" in err
+
+
+# ----------------------------------------------------------------------------- --expert, against transformers
+
+def test_cli_expert_matches_transformers_with_adapted_weights(tiny_dir, tmp_path, monkeypatch):
+    """`python -m evals --expert F` (behind every "+ expert" number) answers as a transformers model
+    whose MLP weights were replaced by hand with W′ = U·diag(σ ⊙ z·Σσ/Σσz)·Vᵀ (the expert's z,
+    rescaled), and not as the base model."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import svd_cache
+    import svf
+    from model import Transformer
+
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    cache = svd_cache.load(Transformer.from_pretrained(tiny_dir), "mlp")
+    g = torch.Generator().manual_seed(0)
+    theta = {n: 2 * torch.randn(cache.rank(n), generator=g) for n in cache.names}
+    svf.Expert.new(theta, Transformer.from_pretrained(tiny_dir), cache, task="gsm8k").save(tmp_path / "e.safetensors")
+    common = ["--task", "gsm8k", "--model", str(tiny_dir), "--limit", "3", "--max-new-tokens", "8", "--slots", "2"]
+    base = main(parse_args([*common, "--out", str(tmp_path / "base.jsonl")]))
+    rows = main(parse_args([*common, "--expert", str(tmp_path / "e.safetensors"), "--out", str(tmp_path / "e.jsonl")]))
+    assert [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()] == rows and len(rows) == 3
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
+    weights = load_file(tmp_path / "e.safetensors")
+    assert len(weights) == 6  # 2 layers x gate, up, down
+    with torch.no_grad():
+        for name, th in weights.items():
+            W = hf.get_parameter(name)
+            U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+            z = torch.sigmoid(th.double())
+            W.copy_((U * (S * z * S.sum() / (S * z).sum())) @ Vh)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    for row in rows:
+        ids = tok(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+        assert row["completion"] == tok.decode(out, skip_special_tokens=True), row["id"]
+    assert [r["completion"] for r in rows] != [r["completion"] for r in base]  # the expert really acts

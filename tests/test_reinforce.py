@@ -11,15 +11,31 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-import reinforce
-import svd_cache
-import svf
-from generate import Tokenizer, score
-from model import Transformer
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import reinforce  # noqa: E402
+import svd_cache  # noqa: E402
+import svf  # noqa: E402
+from evals import TASKS  # noqa: E402
+from evals.gsm8k import GSM8K  # noqa: E402
+from generate import Tokenizer, score  # noqa: E402
+from model import Transformer  # noqa: E402
+
+
+class Parity(GSM8K):
+    """Real GSM8K prompts; 'correct' iff the completion has an even number of characters, so a
+    tiny random model gets both verdicts and its validation accuracy moves with θ."""
+
+    def check(self, items, completions):
+        return [len(c) % 2 == 0 for c in completions]
+
+
+TASKS["parity"] = Parity("parity", splits=("train", "valid", "test"), max_new_tokens=6)
 
 
 def tiny_args(tiny_dir, out, **kw):
@@ -90,6 +106,19 @@ def test_kl_is_zero_at_uniform_z(real):
     assert kl > 1e-3
 
 
+def test_kl_directions_against_torch_kl_div():
+    """paper KL(π′‖π) and official KL(π‖π′), on random log-probabilities, against F.kl_div
+    (which computes KL(target‖input) from log-probabilities with log_target=True)."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(5, 7, 11, generator=g).mul(2).log_softmax(-1)     # π′: the adapted policy
+    ref = torch.randn(5, 7, 11, generator=g).mul(2).log_softmax(-1)      # π: the base policy
+    paper = F.kl_div(ref, logp, log_target=True, reduction="none").sum(-1)     # KL(π′‖π)
+    official = F.kl_div(logp, ref, log_target=True, reduction="none").sum(-1)  # KL(π‖π′)
+    torch.testing.assert_close(reinforce.kl_per_token(logp, ref, "paper"), paper)
+    torch.testing.assert_close(reinforce.kl_per_token(logp, ref, "official"), official)
+    assert (paper - official).abs().min() > 1e-3  # the two directions really differ here
+
+
 def test_leave_one_out_baseline_by_hand():
     # two prompts x 3 answers: [+1, -1, -1] and [+1, +1, +1]
     r = [1.0, -1.0, -1.0, 1.0, 1.0, 1.0]
@@ -110,10 +139,10 @@ def test_batches_are_without_replacement():
 def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"))
     full = tmp_path / "full"
-    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, full)], cwd=ROOT, env=env, check=True,
+    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, full, steps=4)], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     cut = tmp_path / "cut"
-    proc = subprocess.Popen([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut, steps=4)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it once update 1 is checkpointed, mid-way through the run
@@ -124,8 +153,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     state = torch.load(cut / "state.pt", weights_only=False)
-    assert 1 <= state["step"] <= 3
-    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut), "--resume"], cwd=ROOT, env=env,
+    assert 1 <= state["step"] < 4, state["step"]  # killed mid-run: --resume has updates left to redo
+    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, cut, steps=4), "--resume"], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     a, b = thetas(full / "last.safetensors"), thetas(cut / "last.safetensors")
     assert a.keys() == b.keys()
@@ -135,9 +164,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_dir, tmp_path):
     assert any(not torch.allclose(a[n], init[n]) for n in a)  # it did train
     ma = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [0, 1, 2, 3]
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == [0, 1, 2, 3, 4]
     assert (full / "best.safetensors").exists() and (full / "curve.png").exists()
-    meta = json.loads(json.dumps(__import__("safetensors").safe_open(full / "best.safetensors", "pt").metadata()))
+    meta = safe_open(full / "best.safetensors", "pt").metadata()
     assert meta["task"] == "gsm8k" and meta["lr"] == "0.002" and "valid_acc" in meta
 
 
@@ -146,14 +175,17 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path, sampled):
     env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     one, two = tmp_path / "one", tmp_path / "two"
     common = dict(steps=1, eval_every=1, temperature=0.0)
-    if sampled:  # the 2 answers to each prompt land on different ranks: the baseline needs both;
-        # greedy keeps the ranks' rollouts equal to one process's, so every row's weight is 0 and
-        # this checks the path where a rank has no row to backpropagate
-        common = dict(steps=1, eval_every=1, temperature=0.0, samples=2, baseline="loo", kl_coef=0)
-    subprocess.run([sys.executable, "reinforce.py", *tiny_args(tiny_dir, one, **common)], cwd=ROOT, env=env,
+    script = "reinforce.py"
+    if sampled:  # each rank answers whole questions; the engine seeds a question's samples by its place in
+        # the update, not by the rank, so both runs draw the same answers; sampled answers to the parity
+        # task get mixed verdicts, so the leave-one-out weights are not all zero and a real gradient is compared
+        common = dict(steps=1, eval_every=1, temperature=1.0, samples=2, baseline="loo", kl_coef=0, task="parity",
+                      batch_size=8, slots=8)
+        script = __file__
+    subprocess.run([sys.executable, script, *tiny_args(tiny_dir, one, **common)], cwd=ROOT, env=env,
                    check=True, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                        "reinforce.py", *tiny_args(tiny_dir, two, **common)], cwd=ROOT, env=env, capture_output=True,
+                        script, *tiny_args(tiny_dir, two, **common)], cwd=ROOT, env=env, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = thetas(one / "last.safetensors"), thetas(two / "last.safetensors")
@@ -162,8 +194,33 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path, sampled):
     ma = json.loads((one / "metrics.jsonl").read_text().splitlines()[-1])
     mb = json.loads((two / "metrics.jsonl").read_text().splitlines()[-1])
     assert ma["reward"] == mb["reward"] and abs(ma["kl"] - mb["kl"]) < 1e-6
-    if sampled:  # greedy answers to one prompt agree, so the baseline zeroes every row on both ranks
-        assert ma["mixed"] == mb["mixed"] == 0.0
+    if sampled:
+        assert ma["mixed"] == mb["mixed"] > 0, ma  # some prompts had a right and a wrong answer
+        assert ma["pg_loss"] == pytest.approx(mb["pg_loss"], rel=1e-5) and ma["grad_norm"] > 0
+        init = svf.init_theta(svd_cache.load(Transformer.from_pretrained(tiny_dir), "mlp", root=tmp_path / "cache"))
+        assert any(not torch.allclose(a[n], init[n]) for n in a)  # θ moved: the gradient was not zero
+
+
+def test_patience_stops_and_best_is_the_best_validation(tiny_dir, tmp_path, monkeypatch):
+    """--patience 2: training stops after two validations without a strict improvement, and
+    best.safetensors is the expert of the best (first best, on ties) validation in metrics.jsonl."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    st = reinforce.main(reinforce.get_args(tiny_args(tiny_dir, out, task="parity", steps=12, eval_every=1,
+                                                     valid_limit=8, patience=2, lr=1.0, optimizer="adam")))
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accs = [m["valid_acc"] for m in metrics]
+    best = max(range(len(accs)), key=lambda i: (accs[i], -i))  # the first of the best
+    assert 0 < best < len(accs) - 1, accs  # validation improved, then fell: "best" is neither the first nor the last
+    assert len(metrics) == best + 3 < 13, accs  # two validations after the best, then the stop
+    assert all(a <= accs[best] for a in accs[best + 1:]) and st["best"] == accs[best]
+    meta = safe_open(out / "best.safetensors", "pt").metadata()
+    assert int(meta["step"]) == metrics[best]["step"] and float(meta["valid_acc"]) == pytest.approx(accs[best])
+    last = safe_open(out / "last.safetensors", "pt").metadata()
+    assert int(last["step"]) == metrics[-1]["step"] == best + 2
+    b, l = thetas(out / "best.safetensors"), thetas(out / "last.safetensors")
+    assert any(not torch.equal(b[n], l[n]) for n in b)  # the best expert is not the last one
+
 
 
 # ---------------------------------------------------------------- the baselines of paper Table 4
@@ -198,3 +255,10 @@ def test_sft_objective_lowers_the_reference_nll(tiny_dir, tmp_path):
     items = task.load("train")[:2]
     want = sum(len(tok.encode(task.reference(it) + tok.eos_token)) for it in items)
     assert all(m["tokens"] == want for m in st["metrics"] if "tokens" in m)
+
+
+# Run as a script (`python tests/test_reinforce.py ARGS`), this file is reinforce.py's CLI with the
+# parity task registered (the 2-rank tests need it in every rank). The engine seeds each question's
+# samples by its index in the update, not by the rank, so 1 process and 2 ranks draw the same answers.
+if __name__ == "__main__":
+    reinforce.cli.run(reinforce.main, reinforce.get_args())
