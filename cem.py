@@ -36,6 +36,7 @@ import cli
 import svf
 from evals import TASKS, get_task
 from evals.common import answer, fmt_acc, mcnemar, write_jsonl
+from evals.plots import plot_alpha
 from generate import Tokenizer, score
 from model import Transformer
 
@@ -166,20 +167,6 @@ def answer_all(model, tok, task, items, zs, args):
     ctx = svf.merged(model, zs, rescale=args.rescale) if zs is not None else torch.no_grad()
     with ctx:
         return [r["correct"] for r in answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots)]
-
-
-def plot_alpha(path, alpha, names):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    a = alpha if alpha.dim() == 1 else alpha.mean(1)
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.bar(names, a.tolist())
-    ax.set_ylabel("α" + (" (mean over matrices)" if alpha.dim() > 1 else ""))
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(args):

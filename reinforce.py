@@ -51,6 +51,7 @@ import svf
 import vlm
 from evals import get_task, TASKS
 from evals.common import answer, fmt_acc, mcnemar, read_correct, render_prompt, wilson, write_jsonl
+from evals.plots import plot_curve
 from generate import Tokenizer, completion_hidden
 from model import Transformer
 
@@ -231,27 +232,6 @@ def save_ckpt(path, state):
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one
-
-
-def plot_curve(out, metrics):
-    """curve.png: rollout reward rate and cut rate per update, validation accuracy with its interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    t = [m for m in metrics if "train_acc" in m]
-    ax.plot([m["step"] for m in t], [m["train_acc"] for m in t], label="rollouts right", alpha=0.6)
-    ax.plot([m["step"] for m in t if "cut" in m], [m["cut"] for m in t if "cut" in m], label="rollouts cut", alpha=0.6)
-    v = [m for m in metrics if "valid_acc" in m]
-    ax.errorbar([m["step"] for m in v], [m["valid_acc"] for m in v],
-                yerr=[[m["valid_acc"] - m["valid_lo"] for m in v], [m["valid_hi"] - m["valid_acc"] for m in v]],
-                fmt="o-", label="valid accuracy (95% CI)")
-    ax.set_xlabel("update")
-    ax.set_ylabel("fraction")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=100)
-    plt.close(fig)
 
 
 # -----------------------------------------------------------------------------
@@ -509,7 +489,7 @@ def main(args):
         checkpoint()
         if rank == 0:
             save("last.safetensors", step=step + 1)
-            plot_curve(out, st["metrics"])
+            plot_curve(out / "curve.png", st["metrics"])
             if args.objective == "sft":
                 line = f"step {step + 1} | nll {m['nll']:.3f}/token | {m['tokens']} tokens | |g| {m['grad_norm']:.2e} | {m['seconds']:.0f} s"
             else:
