@@ -75,10 +75,6 @@ def get_args(argv=None):
     return args
 
 
-def world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 # -----------------------------------------------------------------------------
 # Fitness: a whole population on the shots, one z per sequence
 
@@ -115,7 +111,7 @@ def population_fitness(model, tok, task, shots, experts, alphas, args):
 
 def sharded_fitness(model, tok, task, shots, experts, alphas, args):
     """Each rank scores its slice of the population; results are gathered on every rank."""
-    rank, ws = world()
+    rank, ws = cli.world()
     P = len(alphas)
     acc, ll = torch.zeros(P), torch.full((P,), float("-inf"))
     mine = list(range(rank, P, ws))
@@ -175,7 +171,7 @@ def main(args):
     task = get_task(args.task)
     device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
     cli.init_distributed(device)
-    rank, _ = world()
+    rank, _ = cli.world()
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     experts = [svf.Expert.load(p) for p in args.experts]  # a missing or corrupt file fails before the model loads
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
