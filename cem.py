@@ -36,6 +36,7 @@ import cli
 import svf
 from evals import TASKS, get_task
 from evals.common import answer, fmt_acc, mcnemar, write_jsonl
+from evals.plots import plot_alpha
 from generate import Tokenizer, score
 from model import Transformer
 
@@ -74,10 +75,6 @@ def get_args(argv=None):
     return args
 
 
-def world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 # -----------------------------------------------------------------------------
 # Fitness: a whole population on the shots, one z per sequence
 
@@ -114,7 +111,7 @@ def population_fitness(model, tok, task, shots, experts, alphas, args):
 
 def sharded_fitness(model, tok, task, shots, experts, alphas, args):
     """Each rank scores its slice of the population; results are gathered on every rank."""
-    rank, ws = world()
+    rank, ws = cli.world()
     P = len(alphas)
     acc, ll = torch.zeros(P), torch.full((P,), float("-inf"))
     mine = list(range(rank, P, ws))
@@ -168,27 +165,13 @@ def answer_all(model, tok, task, items, zs, args):
         return [r["correct"] for r in answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots)]
 
 
-def plot_alpha(path, alpha, names):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    a = alpha if alpha.dim() == 1 else alpha.mean(1)
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.bar(names, a.tolist())
-    ax.set_ylabel("α" + (" (mean over matrices)" if alpha.dim() > 1 else ""))
-    ax.set_ylim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
     device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
     cli.init_distributed(device)
-    rank, _ = world()
+    rank, _ = cli.world()
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     experts = [svf.Expert.load(p) for p in args.experts]  # a missing or corrupt file fails before the model loads
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)

@@ -1,11 +1,12 @@
 """What every script shares: --device/--dtype, the process group's device, and one-line errors.
 
 Every entry point (reinforce.py, cem.py, dispatch.py, `python -m evals`, generate.py, vlm.py,
-svf.py, svd_cache.py) uses these three things and nothing else from here:
+svf.py, svd_cache.py) uses these things and nothing else from here:
 
   add_device_args(parser)    --device (default: cuda when available) and --dtype (default: bf16 on
                              CUDA, float32 on CPU); device_and_dtype(args) resolves them, one GPU
                              per local rank under torchrun.
+  init_distributed(device)   join torchrun's process group; world() is (rank, world size), (0, 1) alone.
   all_reduce(t)              sum (or max) a tensor over ranks wherever it lives: NCCL only reduces
                              CUDA tensors, so a CPU tensor makes a round trip through the GPU.
   run(main, args)            expected failures (a missing, corrupt or mismatched file, an unknown
@@ -51,6 +52,11 @@ def init_distributed(device):
     on a GPU, gloo on the CPU (also on a GPU machine with --device cpu)."""
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def world():
+    """(rank, world size) of this process; (0, 1) without a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def all_reduce(t, op=dist.ReduceOp.SUM):

@@ -38,6 +38,7 @@ import svf
 from evals import get_task
 from evals.classify import CATEGORIES, cls_task, free_form
 from evals.common import answer, fmt_acc, mcnemar, write_jsonl
+from evals.plots import plot_confusion
 from generate import Tokenizer, generate
 from model import Transformer
 
@@ -155,25 +156,6 @@ def confusion(true, pred):
     return [[sum(1 for t, p in zip(true, pred) if (t, p) == (a, b)) for b in CATEGORIES] for a in CATEGORIES]
 
 
-def plot_confusion(matrix, title, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.imshow(matrix, cmap="Blues")
-    for i, row in enumerate(matrix):
-        for j, v in enumerate(row):
-            ax.text(j, i, v, ha="center", va="center")
-    ax.set_xticks(range(4), CATEGORIES)
-    ax.set_yticks(range(4), CATEGORIES)
-    ax.set_xlabel("predicted (pass 1)")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 
 def main(args):
@@ -262,7 +244,7 @@ def main(args):
         out = Path(args.out)
         write_jsonl(out / "items.jsonl", rows)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_confusion(matrix, f"{task.name} | {args.strategy} | n={len(items)}", out / "confusion.png")
+        plot_confusion(out / "confusion.png", matrix, CATEGORIES, f"{task.name} | {args.strategy} | n={len(items)}")
         print(f"wrote {out}/items.jsonl, summary.json, confusion.png")
     return summary
 

@@ -1,6 +1,19 @@
 """Tokenizer, chat template, batched generation and scoring for model.py's Transformer.
 
-Run it:
+  Tokenizer             tokenizer.json through `tokenizers`; chat prompts rendered from the
+                        checkpoint's Jinja template as transformers renders them.
+  generate              the engine every script answers through (evals.common.answer wraps it):
+                        continuous batching (`slots` rows of one KV cache stay busy; a finished row's
+                        slot goes to the next waiting one at once), prefix sharing (the `samples`
+                        answers to one prompt share one prefill, copied into their slots), per-row
+                        SVF z (`zs`: rows of one batch run different experts, or the base weights
+                        with `base_rows`), per-row sampling generators (output independent of
+                        `slots`), incremental stop-string checks, an `embed` hook for images (vlm.py).
+  completion_hidden     teacher-forced hidden states of completions given their prompts, one prompt
+                        forward shared by its answers (the policy gradient in reinforce.py);
+  score                 their log-probabilities (cem.py's tie-break).
+Prompts are right-padded: each row keeps positions 0, 1, ... and causality hides the padding.
+
     python generate.py --model checkpoints/smollm2-135m-instruct --prompt "What is 2+2?"
 """
 import argparse

@@ -11,6 +11,12 @@ Numerics follow Hugging Face `transformers` (the tests compare against it):
   head are the two coordinates), which is what HF checkpoints expect for q/k weights.
 - Llama-3 `rope_scaling` rescales the inverse frequencies by wavelength band.
 
+One forward, `Transformer.hidden(ids, pos, cache)`: the causal mask (`causal_mask`, one per
+sliding window) and the RoPE tables (`rope`) for the rows' positions, then the block loop. Every
+row carries its own positions, and the KV cache (`KVCache`) is indexed by them, not by a write
+pointer: the token at position p of row b lives in slot p, `update` writes where `pos` says, so
+each row advances by its own positions (sequences of different lengths share one cache).
+
 Generation, the tokenizer and scoring live in generate.py (as gpt-fast keeps them apart):
     python generate.py --model checkpoints/smollm2-135m-instruct --prompt "What is 2+2?"
     python tools/bench_model.py    # prefill/decode tok/s vs transformers (`make bench`)

@@ -22,6 +22,12 @@ The same loop trains the baselines of paper Table 4: --adapter lora (lora.py's A
 e.g. qv, instead of SVF's θ) and --objective sft (the next-token loss on the task's reference
 solutions, teacher-forced, instead of rollouts and rewards); validation and checkpoints are shared.
 
+Why this file is past STYLE.md's 250–350 lines: it is the whole training concept in one place, the
+RL loop (rollout -> reward -> advantage -> policy loss + KL -> all-reduce -> step), its SFT baseline
+objective (sft_update), the SVF/LoRA switch (use, merged) and the run around them (sharding over
+ranks, validation with paired tests, exact resume). Each piece is short; splitting one out would send
+a reader to a second file to follow one update.
+
 A LLaVA checkpoint (vlm.py) trains the same way on the VQA tasks: SVF adapts its language model,
 the image reaches rollouts and the policy gradient through the prompt embeddings.
 
@@ -51,6 +57,7 @@ import svf
 import vlm
 from evals import get_task, TASKS
 from evals.common import answer, fmt_acc, mcnemar, read_correct, render_prompt, wilson, write_jsonl
+from evals.plots import plot_curve
 from generate import Tokenizer, completion_hidden
 from model import Transformer
 
@@ -105,18 +112,6 @@ def get_args(argv=None):
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     cli.add_device_args(p)
     return p.parse_args(argv)
-
-
-# -----------------------------------------------------------------------------
-# Distributed helpers (a no-op on a single process)
-
-def world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_sum(t):
-    """Sum over ranks in place (CPU tensors included: cli.all_reduce takes them through the GPU under NCCL)."""
-    return cli.all_reduce(t)
 
 
 # -----------------------------------------------------------------------------
@@ -227,33 +222,6 @@ def micro_batches(rows, samples, size):
     return out + [cur] if cur else out
 
 
-def save_ckpt(path, state):
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one
-
-
-def plot_curve(out, metrics):
-    """curve.png: rollout reward rate and cut rate per update, validation accuracy with its interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    t = [m for m in metrics if "train_acc" in m]
-    ax.plot([m["step"] for m in t], [m["train_acc"] for m in t], label="rollouts right", alpha=0.6)
-    ax.plot([m["step"] for m in t if "cut" in m], [m["cut"] for m in t if "cut" in m], label="rollouts cut", alpha=0.6)
-    v = [m for m in metrics if "valid_acc" in m]
-    ax.errorbar([m["step"] for m in v], [m["valid_acc"] for m in v],
-                yerr=[[m["valid_acc"] - m["valid_lo"] for m in v], [m["valid_hi"] - m["valid_acc"] for m in v]],
-                fmt="o-", label="valid accuracy (95% CI)")
-    ax.set_xlabel("update")
-    ax.set_ylabel("fraction")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curve.png", dpi=100)
-    plt.close(fig)
-
-
 # -----------------------------------------------------------------------------
 # The steps of a run
 
@@ -295,6 +263,12 @@ def save_adapter(path, theta, model, cache, args, hparams, **extra):
         svf.Expert.new(theta, model, cache, args.parametrization, **hparams, **extra).save(path)
 
 
+def save_ckpt(path, state):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint or the new one
+
+
 def make_optimizer(params, args):
     """AdamW with cosine decay (paper) or Adam with a constant learning rate (official code)."""
     if args.optimizer == "adamw":
@@ -304,19 +278,34 @@ def make_optimizer(params, args):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
+def optimizer_step(theta, opt, sched, args):
+    """Sum the gradients of all ranks (each already divided by the global batch), clip their norm
+    (--clip), step the optimizer and the schedule. Returns the norm before clipping."""
+    params = list(theta.values())
+    for t in params:
+        if t.grad is None:  # no rows on this rank took part
+            t.grad = torch.zeros_like(t)
+        cli.all_reduce(t.grad)
+    gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
+    opt.step()
+    sched.step()
+    return gnorm
+
+
 def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision=None):
     """One REINFORCE update: roll out, reward, weigh, backpropagate into θ, clip, step. Returns its metrics."""
-    rank, ws = world()
+    rank, ws = cli.world()
     t0 = time.time()
     idx = batch_indices(step, len(train), args.batch_size // args.samples, args.seed)  # this update's questions
     mine = list(range(rank, len(idx), ws))  # each rank answers whole questions, so their samples stay together
     # one sampling seed per question (not per rank), so any number of ranks draws the same answers
     seeds = [args.seed * 7919 + step * 1009 + q * args.samples for q in mine]
-    records = rollout(model, tok, task, [train[idx[q]] for q in mine], theta, cache, args, seeds, vision)
+    items = [train[idx[q]] for q in mine]
+    records = rollout(model, tok, task, items, theta, cache, args, seeds, vision)
     t_rollout = time.time() - t0
     rewards = [task.reward(r["correct"]) for r in records]
     weights = advantages(rewards, args.samples, args.baseline)
-    _, embed = build_prompts(tok, task, [train[idx[q]] for q in mine], vision) if vision else (None, None)
+    _, embed = build_prompts(tok, task, items, vision) if vision else (None, None)
     B = len(idx) * args.samples
     opt.zero_grad(set_to_none=True)
     pg = kl = 0.0
@@ -329,20 +318,13 @@ def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision
                                  [weights[r] for r in mb], B, args, embed=mb_embed)
         loss.backward()
         pg, kl = pg + a, kl + b
-    svf.set_z(model, None)
-    params = list(theta.values())
-    for t in params:  # sum the θ gradients of all ranks (each already divided by the global B)
-        if t.grad is None:  # no rows on this rank took part
-            t.grad = torch.zeros_like(t)
-        all_sum(t.grad)
+    use(model, None, args)
     by_q = torch.tensor(rewards, dtype=torch.float64).view(-1, args.samples)
     mixed = int((by_q.max(1).values > by_q.min(1).values).sum()) if len(rewards) else 0
-    stats = all_sum(torch.tensor([sum(r["correct"] for r in records), len(records), pg, kl, sum(rewards), mixed,
+    stats = cli.all_reduce(torch.tensor([sum(r["correct"] for r in records), len(records), pg, kl, sum(rewards), mixed,
                                   len(mine), sum(r["cut"] for r in records), sum(len(r["ids"]) for r in records)],
                                  dtype=torch.float64))
-    gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-    opt.step()
-    sched.step()
+    gnorm = optimizer_step(theta, opt, sched, args)
     n = max(float(stats[1]), 1.0)
     m = {"step": step + 1, "train_acc": float(stats[0]) / n, "reward": float(stats[4]) / n, "cut": float(stats[7]) / n,
          "pg_loss": float(stats[2]), "kl": float(stats[3]), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
@@ -356,14 +338,14 @@ def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision
 def sft_update(step, model, tok, task, train, theta, opt, sched, args):
     """One next-token update (--objective sft, paper Table 4): the mean negative log-likelihood of the
     task's reference solutions (task.reference) given their prompts, teacher-forced; no rollouts."""
-    rank, ws = world()
+    rank, ws = cli.world()
     t0 = time.time()
     idx = batch_indices(step, len(train), args.batch_size, args.seed)
     items = [train[i] for i in idx[rank::ws]]
     end = "" if task.stop else (tok.eos_token or "")  # GSM8K: the answer ends the turn; code ends at its fence
     prompts = [tok.encode(render_prompt(tok, task, it)) for it in items]
     targets = [tok.encode(task.reference(it) + end) for it in items]
-    n_tok = float(all_sum(torch.tensor([float(sum(map(len, targets)))], dtype=torch.float64))[0])
+    n_tok = float(cli.all_reduce(torch.tensor([float(sum(map(len, targets)))], dtype=torch.float64))[0])
     opt.zero_grad(set_to_none=True)
     nll = 0.0
     for s in range(0, len(items), args.micro_batch):
@@ -374,15 +356,8 @@ def sft_update(step, model, tok, task, train, theta, opt, sched, args):
         loss.backward()
         nll += float(loss.detach())
     use(model, None, args)
-    params = list(theta.values())
-    for t in params:
-        if t.grad is None:
-            t.grad = torch.zeros_like(t)
-        all_sum(t.grad)
-    nll = float(all_sum(torch.tensor([nll], dtype=torch.float64))[0])
-    gnorm = float(torch.nn.utils.clip_grad_norm_(params, args.clip))
-    opt.step()
-    sched.step()
+    nll = float(cli.all_reduce(torch.tensor([nll], dtype=torch.float64))[0])
+    gnorm = optimizer_step(theta, opt, sched, args)
     return {"step": step + 1, "nll": nll, "tokens": int(n_tok), "grad_norm": gnorm, "lr": sched.get_last_lr()[0],
             "seconds": time.time() - t0}
 
@@ -390,13 +365,13 @@ def sft_update(step, model, tok, task, train, theta, opt, sched, args):
 def validate(step, model, tok, task, valid, theta, cache, args, vision=None):
     """Greedy accuracy of the current expert on the validation items (sharded over ranks), with the
     per-item verdicts (rank 0 writes valid-step{N}.jsonl, for paired tests between steps)."""
-    rank, ws = world()
+    rank, ws = cli.world()
     greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0, "samples": 1})
     records = rollout(model, tok, task, valid[rank::ws], theta, cache, greedy, seed=0, vision=vision)
     verdicts = torch.zeros(len(valid), 2, dtype=torch.long)  # (correct, cut) per item, gathered over ranks
     for i, r in zip(range(rank, len(valid), ws), records):
         verdicts[i] = torch.tensor([bool(r["correct"]), bool(r["cut"])])
-    verdicts = all_sum(verdicts)
+    verdicts = cli.all_reduce(verdicts)
     k, n, cut = int(verdicts[:, 0].sum()), len(valid), int(verdicts[:, 1].sum())
     lo, hi = wilson(k, n)
     if rank == 0:
@@ -425,7 +400,7 @@ def main(args):
     task = get_task(args.task)  # unknown task -> ValueError listing the known ones
     device, dtype = cli.device_and_dtype(args)  # under torchrun: this rank's GPU
     cli.init_distributed(device)
-    rank, ws = world()
+    rank, ws = cli.world()
     if args.batch_size % args.samples or (args.batch_size // args.samples) % ws:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --samples {args.samples} "
                          f"times the {ws} rank(s): each rank answers whole questions")
@@ -509,7 +484,7 @@ def main(args):
         checkpoint()
         if rank == 0:
             save("last.safetensors", step=step + 1)
-            plot_curve(out, st["metrics"])
+            plot_curve(out / "curve.png", st["metrics"])
             if args.objective == "sft":
                 line = f"step {step + 1} | nll {m['nll']:.3f}/token | {m['tokens']} tokens | |g| {m['grad_norm']:.2e} | {m['seconds']:.0f} s"
             else:

@@ -18,6 +18,12 @@ The factored path uses the Triton kernel of kernels/svf_linear.py on CUDA, plain
 Scripts get experts through load_experts (load -> check -> SVD cache -> attach); files are always
 named explicitly (--experts), never discovered by a naming convention.
 
+Why ~450 lines, past STYLE.md's 100–200: "anything SVF lives in svf.py", and SVF is more than the
+formula: the factored layer with its kernel fallback, per-row z for batches, merging with an exact
+restore, the expert file format with its checks, mixing and transfer (paper §3.3, Table 5), the
+memory probe that shows no m×n gradient exists, and the init/merge/mix CLI. Each is one short
+section below.
+
 An expert file is safetensors: tensor name = target parameter name, value = θ (float32, length r),
 string metadata: parametrization, rescale, base_model, base_fingerprint, targets, layers, task, ...
 
