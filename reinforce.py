@@ -260,7 +260,9 @@ def save_adapter(path, theta, model, cache, args, hparams, **extra):
     if args.adapter == "lora":
         lora.Adapter.new(theta, model, alpha=args.lora_alpha, **hparams, **extra).save(path)
     else:
-        svf.Expert.new(theta, model, cache, args.parametrization, **hparams, **extra).save(path)
+        # the expert records the layers it adapts itself (indices), not the --layers shorthand
+        hp = {k: v for k, v in hparams.items() if k != "layers"}
+        svf.Expert.new(theta, model, cache, args.parametrization, **hp, **extra).save(path)
 
 
 def save_ckpt(path, state):

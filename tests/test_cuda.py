@@ -126,7 +126,7 @@ def test_one_cem_generation_on_gpu(gpu_tiny):
     task = get_task("gsm8k")
     shots = task.load("test")[:3]
     args = Namespace(population=4, elites=2, init_std=0.5, generations=1, normalize=False, seed=0, mode="z",
-                     rescale=True, batch_size=12, max_new_tokens=4)
+                     rescale=True, slots=12, max_new_tokens=4)
     fitness = lambda pop: cem.sharded_fitness(model, tok, task, shots, experts, pop, args)  # noqa: E731
     best, history = cem.cem(fitness, (3,), args, log=lambda *_: None)
     assert best.shape == (3,) and len(history) == 1 and 0 <= history[0]["best_acc"] <= 1
@@ -143,8 +143,8 @@ def test_one_routed_dispatch_batch_on_gpu(gpu_tiny):
     cats = ["math", "other", "code", "reasoning"]
     task = get_task("gsm8k")
     items = task.load("test")[:len(cats)]
-    args = Namespace(batch_size=len(cats), max_new_tokens=4)
-    texts = dispatch.answer(model, tok, task, items, cats, by_cat, cache, args)
+    args = Namespace(slots=len(cats), max_new_tokens=4)
+    texts = dispatch.pass2(model, tok, task, items, cats, by_cat, cache, args)
     assert len(texts) == len(cats) and all(isinstance(t, str) for t in texts)
     ids = torch.randint(0, 49152, (len(cats), 16), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():

@@ -267,7 +267,7 @@ def test_cli_classify_only_cls_and_free_form(varied_run):
     with z^c merged (other texts than the base prompt's); --free-form drops the "\\boxed{" prefill.
     Each row's category is the parse of its own pass-1 text."""
     folder, specs, tmp = varied_run
-    common = ["--task", "gsm8k", "--limit", "4", "--batch-size", "2", "--model", str(folder), "--threads", "1"]
+    common = ["--task", "gsm8k", "--limit", "4", "--slots", "2", "--model", str(folder), "--threads", "1"]
 
     def run(name, *flags):
         s = dispatch.main(dispatch.get_args([*common, "--out", str(tmp / name), *flags]))

@@ -73,7 +73,7 @@ def test_one_update_moves_logprob_the_right_way(real, reward):
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "What is 7 plus 5?"}]))
     answer = tok.encode("7 plus 5 is 12.")
     theta = {n: t.requires_grad_(True) for n, t in svf.init_theta(cache, seed=0).items()}
-    args = Namespace(parametrization="sigmoid", kl_coef=0.0, kl_direction="paper")
+    args = Namespace(parametrization="sigmoid", kl_coef=0.0, kl_direction="paper", adapter="svf")
 
     def logp():
         with torch.no_grad():
@@ -95,7 +95,7 @@ def test_kl_is_zero_at_uniform_z(real):
     answer = tok.encode("Blue is a colour.")
     theta = {n: torch.full((cache.rank(n),), 0.3, requires_grad=True) for n in cache.names}
     for direction in ("paper", "official"):
-        args = Namespace(parametrization="sigmoid", kl_coef=1.0, kl_direction=direction)
+        args = Namespace(parametrization="sigmoid", kl_coef=1.0, kl_direction=direction, adapter="svf")
         _, _, kl = reinforce.policy_loss(model, theta, [prompt], [answer], [1.0], 1, args)
         assert abs(kl) < 1e-4, (direction, kl)
     # ...and clearly positive away from uniform: the test can fail
