@@ -57,7 +57,7 @@ SAMPLED := --samples 4 --baseline loo --optimizer adam --lr 1e-2 --kl-coef 0
 # the same across questions (docs/RESULTS.md); 16 questions x 4 answers per update through the engine,
 # validation on 200 held-out training items at the start and the end
 RECIPE_gsm8k := $(SAMPLED) --temperature 0.7 --batch-size 64 --micro-batch 8 \
-                --max-new-tokens 256 --steps 10 --eval-every 10 --valid-limit 200
+                --max-new-tokens 256 --steps 6 --eval-every 6 --valid-limit 200
 RECIPE_mbpp  := $(SAMPLED) --temperature 0.7 --batch-size 16 --micro-batch 4 \
                 --max-new-tokens 384 --steps 8 --eval-every 4 --valid-limit 40
 # ARC-Easy, letter only (evals/arc.py): one generated token per answer
