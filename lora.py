@@ -24,7 +24,6 @@ A training loop (reinforce.py's shape):
 import argparse
 import math
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,7 +218,7 @@ def main(argv=None):
         q.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from model import Transformer
+    from model import Transformer, save_folder
     if args.cmd == "init":
         model = Transformer.from_pretrained(args.model)
         names = target_names(model, args.targets, args.layers)
@@ -228,20 +227,10 @@ def main(argv=None):
         print(f"{args.out} | {len(names)} matrices | r={args.rank} alpha={args.alpha:g} | "
               f"{adapter.n_params():,} parameters | base {adapter.meta['base_fingerprint']}")
     elif args.cmd == "merge":
-        src, out = Path(args.model), Path(args.out)
-        if out.resolve() == src.resolve():
-            raise SystemExit("--out must be a new folder, not the base model's")
-        model, adapter = Transformer.from_pretrained(src), Adapter.load(args.adapter)
-        out.mkdir(parents=True, exist_ok=True)
+        model, adapter = Transformer.from_pretrained(args.model), Adapter.load(args.adapter)
         with merged(model, adapter):
-            state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            if model.config.tie_word_embeddings:
-                state.pop("lm_head.weight")  # safetensors refuses shared tensors; HF re-ties on load
-            save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        for f in src.iterdir():  # config, generation config, tokenizer: everything but the weights
-            if f.is_file() and not f.name.startswith("model.safetensors"):
-                shutil.copy2(f, out / f.name)
-        print(f"{out} | {len(adapter.params) // 2} matrices merged from {args.adapter} (scale {adapter.scale:g})")
+            save_folder(model, args.model, args.out)
+        print(f"{args.out} | {len(adapter.params) // 2} matrices merged from {args.adapter} (scale {adapter.scale:g})")
     else:
         p.print_help()
 

@@ -356,6 +356,25 @@ def load_checked(model, expected, state, path, what, dtype):
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
 
 
+def save_folder(model, src, out):
+    """Write `model`'s current weights as an HF folder `out`, with every other file (config,
+    generation config, tokenizer) copied from the checkpoint folder `src` it was loaded from.
+    svf.py / lora.py `merge` call it with an adapter merged in: a plain model anyone can load."""
+    import shutil
+    from safetensors.torch import save_file
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve():
+        raise ValueError(f"{out}: --out must be a new folder, not the base model's")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # safetensors refuses shared tensors; HF re-ties on load
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    for f in src.iterdir():  # everything but the weights
+        if f.is_file() and not f.name.startswith("model.safetensors"):
+            shutil.copy2(f, out / f.name)
+
+
 def load_safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
     index = path / "model.safetensors.index.json"

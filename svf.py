@@ -35,7 +35,6 @@ string metadata: parametrization, rescale, base_model, base_fingerprint, targets
 import argparse
 import json
 import os
-import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -408,7 +407,7 @@ def main(argv=None):
         cli.add_device_args(q)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from model import Transformer
+    from model import Transformer, save_folder
     if args.cmd in ("init", "merge"):
         device, dtype = cli.device_and_dtype(args)
     if args.cmd == "init":
@@ -420,21 +419,11 @@ def main(argv=None):
         print(f"{args.out} | {len(expert.theta)} matrices | {sum(t.numel() for t in expert.theta.values()):,} "
               f"parameters | base {cache.fingerprint}")
     elif args.cmd == "merge":
-        src, out = Path(args.model), Path(args.out)
-        if out.resolve() == src.resolve():
-            raise ValueError(f"{out}: --out must be a new folder, not the base model's")
-        model = Transformer.from_pretrained(src, dtype=dtype, device=device)
+        model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         (expert,), cache = load_experts(model, [args.expert], root=args.root, factored=False)
-        out.mkdir(parents=True, exist_ok=True)
         with merged(model, expert, cache):
-            state = {k: v.contiguous() for k, v in model.state_dict().items()}
-            if model.config.tie_word_embeddings:
-                state.pop("lm_head.weight")  # safetensors refuses shared tensors; HF re-ties on load
-            save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-        for f in src.iterdir():  # config, generation config, tokenizer: everything but the weights
-            if f.is_file() and not f.name.startswith("model.safetensors"):
-                shutil.copy2(f, out / f.name)
-        print(f"{out} | {len(expert.theta)} matrices merged from {args.expert}")
+            save_folder(model, args.model, args.out)
+        print(f"{args.out} | {len(expert.theta)} matrices merged from {args.expert}")
     elif args.cmd == "mix":
         experts = [Expert.load(f) for f in args.experts]
         alpha = args.alpha or [1.0 / len(experts)] * len(experts)
