@@ -39,7 +39,6 @@ the image reaches rollouts and the policy gradient through the prompt embeddings
     python reinforce.py --task gsm8k --adapter lora --targets qv --objective sft --lr 2e-4 --out runs/lora-sft ...
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -91,8 +90,8 @@ def get_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on θ")
     g.add_argument("--clip", type=float, default=1e-3, help="max gradient norm")
     g.add_argument("--kl-coef", type=float, default=0.1, help="λ; the paper sweeps {0, 0.1, 0.2, 0.3}, the official code uses 0")
-    g.add_argument("--wrong-reward", type=float, default=None,
-                   help="reward of a wrong answer (default -1; the paper's VLM runs: -0.1)")
+    g.add_argument("--wrong-reward", type=float, default=-1.0,
+                   help="reward of a wrong answer (paper: -1; the paper's VLM runs: -0.1)")
     g.add_argument("--baseline", default=None, choices=["loo"],
                    help="not in the paper: 'loo' subtracts from each reward the mean reward of the other "
                         "--samples answers to the same prompt (needs --samples >= 2)")
@@ -166,6 +165,11 @@ def rollout(model, tok, task, items, theta, cache, args, seed, vision=None):
     with merged(model, theta, cache, args):
         return answer(model, tok, task, items, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                       seed=seed, max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed)
+
+
+def reward(correct, args):
+    """The paper's reward: +1 for a right answer, -1 (--wrong-reward) for a wrong one."""
+    return 1.0 if correct else args.wrong_reward
 
 
 def advantages(rewards, samples, baseline):
@@ -305,7 +309,7 @@ def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision
     items = [train[idx[q]] for q in mine]
     records = rollout(model, tok, task, items, theta, cache, args, seeds, vision)
     t_rollout = time.time() - t0
-    rewards = [task.reward(r["correct"]) for r in records]
+    rewards = [reward(r["correct"], args) for r in records]
     weights = advantages(rewards, args.samples, args.baseline)
     _, embed = build_prompts(tok, task, items, vision) if vision else (None, None)
     B = len(idx) * args.samples
@@ -410,8 +414,6 @@ def main(args):
         raise ValueError(f"--objective sft needs reference solutions; task {args.task} has none (gsm8k and mbpp do)")
     if args.baseline and args.samples < 2:
         raise ValueError("--baseline loo compares answers to the same prompt: it needs --samples 2 or more")
-    if args.wrong_reward is not None:  # a training choice (the paper's VLM runs: -0.1), not the task's
-        task = dataclasses.replace(task, wrong_reward=args.wrong_reward)
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,7 @@
     items = task.load("test")
     prompts = [render_prompt(tok, task, it) for it in items]
     ... generate ...
-    correct = task.check(items, completions)
-    rewards = [task.reward(c) for c in correct]
+    correct = task.check(items, completions)      # reinforce.py turns these into ±1 rewards
 
 Runner: `python -m evals --help` (evals/__main__.py).
 """

@@ -132,7 +132,6 @@ class Task:
     official: bool = False  # reproduce the official code's quirks (see each task's docstring)
     note: str = ""          # which documented substitute the offline splits use, printed by runners
     images: bool = False    # items carry an image (VQA): prompts need a LLaVA checkpoint (vlm.py)
-    wrong_reward: float = -1.0  # reward of a wrong answer (the paper's VLM runs: -0.1)
 
     def load(self, split: str, data_dir=None) -> list[dict]:
         raise NotImplementedError
@@ -152,10 +151,6 @@ class Task:
             answer = self.extract(completion)
             out.append(answer is not None and self.is_equal(answer, item["gold"]))
         return out
-
-    def reward(self, correct: bool) -> float:
-        """The REINFORCE reward of SPEC §3: +1 for a correct answer, `wrong_reward` (-1) otherwise."""
-        return 1.0 if correct else self.wrong_reward
 
     def _check_split(self, split):
         if split not in self.splits:

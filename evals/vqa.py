@@ -19,8 +19,8 @@ phrase."), the image first. Score: the VQA accuracy, min(1, #annotators who gave
 averaged over the 10 leave-one-out subsets of the 10 human answers, after the VQA answer
 normalisation (lower case, punctuation, number words, articles); with a single reference answer
 (easy-vqa) it is exact match after normalisation. "correct" (for rewards and paired tests) means
-a score of 1. Reward: +1 correct, `wrong_reward` otherwise (-1 as the text tasks; the paper's VLM
-runs use -0.1: `--wrong-reward -0.1` in reinforce.py).
+a score of 1. The training reward is reinforce.py's: +1 correct, -1 otherwise (the paper's VLM runs
+use -0.1 for a wrong answer: `--wrong-reward -0.1`).
 
     python -m evals --task easy_vqa --model LLAVA_DIR --limit 200      # LLaVA checkpoints only
 """

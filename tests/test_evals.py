@@ -152,7 +152,6 @@ def test_gsm8k_check_and_official_flag():
     completions = ["so it drops to -3.", "That's 1,000 apples.", "I am not sure."]
     assert task.check(items, completions) == [True, True, False]
     assert dataclasses.replace(task, official=True).check(items, completions) == [False, False, False]
-    assert task.reward(True) == 1.0 and task.reward(False) == -1.0
 
 
 @pytest.mark.parametrize("text, expected", [

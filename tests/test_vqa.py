@@ -44,10 +44,11 @@ def test_easy_vqa_splits_are_real_and_disjoint():
 
 
 def test_wrong_reward_option():
-    task = get_task("easy_vqa")
-    assert (task.reward(True), task.reward(False)) == (1.0, -1.0)
-    from dataclasses import replace
-    assert replace(task, wrong_reward=-0.1).reward(False) == -0.1
+    import reinforce
+    default = reinforce.get_args(["--task", "easy_vqa", "--out", "/tmp/x"])
+    vlm_runs = reinforce.get_args(["--task", "easy_vqa", "--out", "/tmp/x", "--wrong-reward", "-0.1"])
+    assert [reinforce.reward(c, default) for c in (True, False)] == [1.0, -1.0]
+    assert [reinforce.reward(c, vlm_runs) for c in (True, False)] == [1.0, -0.1]
 
 
 @pytest.fixture(scope="module")

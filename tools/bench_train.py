@@ -133,8 +133,8 @@ def bench(args):
     e, a, b, c = (res[k]["tok_s"] for k in ("engine", "static", "transformers", "ceiling"))
     print(f"engine / static {e / a:.2f}x | engine / transformers {e / b:.2f}x | engine / ceiling {e / c:.0%}")
     correct = task.check([it for it in items for _ in range(args.samples)], g.texts)
-    weights = reinforce.advantages([task.reward(x) for x in correct], args.samples, "loo")
     ra = reinforce.get_args(["--task", args.task, "--out", "/dev/null", "--kl-coef", "0"])
+    weights = reinforce.advantages([reinforce.reward(x, ra) for x in correct], args.samples, "loo")
     prompt_ids = [p for p in prompts for _ in range(args.samples)]
 
     def backward(layers, share, rows):
