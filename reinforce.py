@@ -55,7 +55,7 @@ import svd_cache
 import svf
 import vlm
 from evals import get_task, TASKS
-from evals.common import answer, fmt_acc, mcnemar, read_correct, render_prompt, wilson, write_jsonl
+from evals.common import answer, fmt_acc, mcnemar, paired, render_prompt, wilson, write_jsonl
 from evals.plots import plot_curve
 from generate import Tokenizer, completion_hidden
 from model import Transformer
@@ -157,11 +157,10 @@ def merged(model, theta, cache, args):
     return svf.merged(model, {n: svf.theta_to_z(t.detach(), args.parametrization) for n, t in theta.items()}, cache)
 
 
-def rollout(model, tok, task, items, theta, cache, args, seed, vision=None):
-    """args.samples answers per item with the current expert merged into the weights (zero
-    overhead), through the engine (every slot busy; each item's prompt prefilled once).
-    Returns evals.common.answer's records, item-major."""
-    prompts, embed = build_prompts(tok, task, items, vision)
+def rollout(model, tok, task, items, prompts, embed, theta, cache, args, seed):
+    """args.samples answers per item (prompts, embed from build_prompts) with the current expert
+    merged into the weights (zero overhead), through the engine (every slot busy; each item's
+    prompt prefilled once). Returns evals.common.answer's records, item-major."""
     with merged(model, theta, cache, args):
         return answer(model, tok, task, items, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
                       seed=seed, max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed)
@@ -307,11 +306,11 @@ def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision
     # one sampling seed per question (not per rank), so any number of ranks draws the same answers
     seeds = [args.seed * 7919 + step * 1009 + q * args.samples for q in mine]
     items = [train[idx[q]] for q in mine]
-    records = rollout(model, tok, task, items, theta, cache, args, seeds, vision)
+    prompts, embed = build_prompts(tok, task, items, vision)  # a VLM's images are preprocessed once
+    records = rollout(model, tok, task, items, prompts, embed, theta, cache, args, seeds)
     t_rollout = time.time() - t0
     rewards = [reward(r["correct"], args) for r in records]
     weights = advantages(rewards, args.samples, args.baseline)
-    _, embed = build_prompts(tok, task, items, vision) if vision else (None, None)
     B = len(idx) * args.samples
     opt.zero_grad(set_to_none=True)
     pg = kl = 0.0
@@ -373,7 +372,8 @@ def validate(step, model, tok, task, valid, theta, cache, args, vision=None):
     per-item verdicts (rank 0 writes valid-step{N}.jsonl, for paired tests between steps)."""
     rank, ws = cli.world()
     greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0, "samples": 1})
-    records = rollout(model, tok, task, valid[rank::ws], theta, cache, greedy, seed=0, vision=vision)
+    mine = valid[rank::ws]
+    records = rollout(model, tok, task, mine, *build_prompts(tok, task, mine, vision), theta, cache, greedy, seed=0)
     verdicts = torch.zeros(len(valid), 2, dtype=torch.long)  # (correct, cut) per item, gathered over ranks
     for i, r in zip(range(rank, len(valid), ws), records):
         verdicts[i] = torch.tensor([bool(r["correct"]), bool(r["cut"])])
@@ -389,9 +389,7 @@ def validate(step, model, tok, task, valid, theta, cache, args, vision=None):
 
 def base_vs_expert(out, first, last):
     """The validation verdicts of step `first` (initial z ≈ base model) against step `last`, paired."""
-    a, b = read_correct(out / f"valid-step{first}.jsonl"), read_correct(out / f"valid-step{last}.jsonl")
-    common = [i for i in a if i in b]
-    xs, ys = [a[i] for i in common], [b[i] for i in common]
+    xs, ys = paired(out / f"valid-step{first}.jsonl", out / f"valid-step{last}.jsonl")
     return (f"valid step {first} {fmt_acc(sum(xs), len(xs))} -> step {last} {fmt_acc(sum(ys), len(ys))} | "
             f"only step {first} right {sum(x and not y for x, y in zip(xs, ys))}, only step {last} right "
             f"{sum(y and not x for x, y in zip(xs, ys))} | McNemar exact p = {mcnemar(xs, ys):.3g}")

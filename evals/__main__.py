@@ -19,7 +19,7 @@ import time
 
 import cli
 from evals import get_task
-from evals.common import answer, fmt_acc, format_counts, mcnemar, read_correct, read_jsonl, render_prompt, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, mcnemar, paired, read_jsonl, render_prompt, write_jsonl
 
 
 def parse_args(argv=None):
@@ -123,9 +123,7 @@ def score(args, task):
 
 def compare(path_a, path_b):
     """Paired exact McNemar test on the ids both files contain (first occurrence of each id)."""
-    a, b = read_correct(path_a), read_correct(path_b)
-    common = [i for i in a if i in b]
-    xs, ys = [a[i] for i in common], [b[i] for i in common]
+    xs, ys = paired(path_a, path_b)
     p = mcnemar(xs, ys)
     only_a = sum(x and not y for x, y in zip(xs, ys))
     only_b = sum(y and not x for x, y in zip(xs, ys))

@@ -80,6 +80,13 @@ def read_correct(path) -> dict[str, bool]:
     return verdicts
 
 
+def paired(path_a, path_b) -> tuple[list[bool], list[bool]]:
+    """The verdicts of two per-item files on the ids both contain, aligned (for a McNemar test)."""
+    a, b = read_correct(path_a), read_correct(path_b)
+    common = [i for i in a if i in b]
+    return [a[i] for i in common], [b[i] for i in common]
+
+
 def write_jsonl(path, rows):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
