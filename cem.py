@@ -88,7 +88,7 @@ def population_fitness(model, tok, task, shots, experts, alphas, args):
     rows = [(m, s) for m in range(len(alphas)) for s in range(len(shots))]
     zs = {n: torch.stack([mixes[m][n] for m, _ in rows]) for n in mixes[0]}  # (P·S, r) each
     records = answer(model, tok, task, [shots[s] for _, s in rows], max_new_tokens=args.max_new_tokens,
-                     slots=args.slots, zs=zs, rescale=args.rescale)
+                     slots=args.slots, zs=zs, rescale=args.rescale, progress="population × shots")
     correct, answers = {}, {}
     for (m, _), r in zip(rows, records):
         correct[m] = correct.get(m, 0) + int(r["correct"])
@@ -162,7 +162,8 @@ def answer_all(model, tok, task, items, zs, args):
     svf.set_z(model, None)
     ctx = svf.merged(model, zs, rescale=args.rescale) if zs is not None else torch.no_grad()
     with ctx:
-        return [r["correct"] for r in answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots)]
+        records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, progress="test items")
+        return [r["correct"] for r in records]
 
 
 def main(args):

@@ -117,7 +117,8 @@ def classify(model, tok, questions, cls_expert=None, slots=64, task=cls_task):
     """Pass 1: a category per question, base weights or with z^c merged in (the cls task's prompt)."""
     ctx = svf.merged(model, cls_expert) if cls_expert is not None else nullcontext()
     with ctx:
-        records = answer(model, tok, task, [{"question": q} for q in questions], slots=slots, check=False)
+        records = answer(model, tok, task, [{"question": q} for q in questions], slots=slots, check=False,
+                         progress="pass 1")
     return [r["extracted"] for r in records], [r["completion"] for r in records]
 
 
@@ -148,7 +149,7 @@ def pass2(model, tok, task, items, categories, experts, cache, args):
     zs = row_zs(experts, categories, cache) if experts else None
     base = [c not in experts for c in categories] if experts else None
     records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, zs=zs,
-                     rescale=False, base_rows=base)
+                     rescale=False, base_rows=base, progress="pass 2")
     return [r["completion"] for r in records]
 
 

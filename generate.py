@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 import cli
 from model import KVCache, Transformer, resolve_checkpoint
@@ -144,7 +145,8 @@ class StopStrings:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
-             stop=None, samples=1, slots=64, zs=None, rescale=True, base_rows=None, embed=None, stats=None):
+             stop=None, samples=1, slots=64, zs=None, rescale=True, base_rows=None, embed=None, stats=None,
+             progress=None):
     """Continue prompts (strings, already rendered, or id lists) with continuous batching.
 
     The engine keeps `slots` rows of one KV cache busy: when a row ends (eos, a stop string, or
@@ -163,6 +165,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     embed: optional (ids (B, T), prompt indices) -> input embeddings (B, T, C) for a prefill
         (vlm.py splices each prompt's images in this way).
     stats: optional dict; seconds and tokens of prefill and decode are added to it (benchmarks).
+    progress: optional label; shows a progress bar of finished answers (stderr) under that name.
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -221,6 +224,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
 
     for r in queue:
         waiting[r // samples] = waiting.get(r // samples, 0) + 1
+    bar = tqdm(total=len(queue), desc=progress, unit="answer", leave=False, disable=progress is None)
     try:
         while queue or rows:
             new = []
@@ -262,6 +266,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
                 stats[phase + "_s"] = stats.get(phase + "_s", 0.0) + time.perf_counter() - t0
                 stats[phase + "_tokens"] = stats.get(phase + "_tokens", 0) + tokens
             done = [s for s, tok in zip(busy, toks) if record(s, tok)]
+            bar.update(len(done))
             for s in sorted(done, reverse=True):  # free the slot: the last busy slot moves into the hole
                 b = len(rows) - 1
                 if s != b:
@@ -269,6 +274,7 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
                     rows[s], pos[s], last[s] = rows[b], pos[b], last[b]
                 del rows[-1], pos[-1], last[-1]
     finally:
+        bar.close()
         if zs is not None:
             svf.set_z(model, None)
     texts = [t if t is not None else tokenizer.decode(o) for t, o in zip(texts, out)]

@@ -92,6 +92,9 @@ def get_args(argv=None):
     g.add_argument("--kl-coef", type=float, default=0.1, help="λ; the paper sweeps {0, 0.1, 0.2, 0.3}, the official code uses 0")
     g.add_argument("--wrong-reward", type=float, default=-1.0,
                    help="reward of a wrong answer (paper: -1; the paper's VLM runs: -0.1)")
+    g.add_argument("--cut-reward", type=float, default=None,
+                   help="not in the paper: reward of an answer that ran into --max-new-tokens, right or not "
+                        "(default: scored like any other answer); below --wrong-reward it rewards finishing")
     g.add_argument("--baseline", default=None, choices=["loo"],
                    help="not in the paper: 'loo' subtracts from each reward the mean reward of the other "
                         "--samples answers to the same prompt (needs --samples >= 2)")
@@ -157,17 +160,22 @@ def merged(model, theta, cache, args):
     return svf.merged(model, {n: svf.theta_to_z(t.detach(), args.parametrization) for n, t in theta.items()}, cache)
 
 
-def rollout(model, tok, task, items, prompts, embed, theta, cache, args, seed):
+def rollout(model, tok, task, items, prompts, embed, theta, cache, args, seed, progress=None):
     """args.samples answers per item (prompts, embed from build_prompts) with the current expert
     merged into the weights (zero overhead), through the engine (every slot busy; each item's
     prompt prefilled once). Returns evals.common.answer's records, item-major."""
     with merged(model, theta, cache, args):
         return answer(model, tok, task, items, samples=args.samples, temperature=args.temperature, top_p=args.top_p,
-                      seed=seed, max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed)
+                      seed=seed, max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed,
+                      progress=progress if cli.world()[0] == 0 else None)
 
 
-def reward(correct, args):
-    """The paper's reward: +1 for a right answer, -1 (--wrong-reward) for a wrong one."""
+def reward(correct, cut, args):
+    """The paper's reward: +1 for a right answer, -1 (--wrong-reward) for a wrong one. With
+    --cut-reward, an answer cut off by the token budget gets that instead, even when the number
+    picked from its unfinished text happens to be right: finishing becomes part of the task."""
+    if cut and args.cut_reward is not None:
+        return args.cut_reward
     return 1.0 if correct else args.wrong_reward
 
 
@@ -307,9 +315,9 @@ def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision
     seeds = [args.seed * 7919 + step * 1009 + q * args.samples for q in mine]
     items = [train[idx[q]] for q in mine]
     prompts, embed = build_prompts(tok, task, items, vision)  # a VLM's images are preprocessed once
-    records = rollout(model, tok, task, items, prompts, embed, theta, cache, args, seeds)
+    records = rollout(model, tok, task, items, prompts, embed, theta, cache, args, seeds, f"update {step + 1} rollouts")
     t_rollout = time.time() - t0
-    rewards = [reward(r["correct"], args) for r in records]
+    rewards = [reward(r["correct"], r["cut"], args) for r in records]
     weights = advantages(rewards, args.samples, args.baseline)
     B = len(idx) * args.samples
     opt.zero_grad(set_to_none=True)
@@ -373,7 +381,8 @@ def validate(step, model, tok, task, valid, theta, cache, args, vision=None):
     rank, ws = cli.world()
     greedy = argparse.Namespace(**{**vars(args), "temperature": 0.0, "samples": 1})
     mine = valid[rank::ws]
-    records = rollout(model, tok, task, mine, *build_prompts(tok, task, mine, vision), theta, cache, greedy, seed=0)
+    records = rollout(model, tok, task, mine, *build_prompts(tok, task, mine, vision), theta, cache, greedy, seed=0,
+                      progress=f"validation, step {step}")
     verdicts = torch.zeros(len(valid), 2, dtype=torch.long)  # (correct, cut) per item, gathered over ranks
     for i, r in zip(range(rank, len(valid), ws), records):
         verdicts[i] = torch.tensor([bool(r["correct"]), bool(r["cut"])])
@@ -424,6 +433,8 @@ def main(args):
     hparams = {k: getattr(args, k) for k in ("task", "targets", "layers", "steps", "batch_size", "lr", "optimizer",
                                              "weight_decay", "clip", "kl_coef", "kl_direction", "temperature",
                                              "samples", "max_new_tokens", "seed", "wrong_reward", "baseline")}
+    if args.cut_reward is not None:  # recorded only when set, so older checkpoints still resume
+        hparams.update(cut_reward=args.cut_reward)
     if args.adapter != "svf" or args.objective != "rl":  # recorded when not the method's defaults
         hparams.update(adapter=args.adapter, objective=args.objective)
     if args.adapter == "lora":

@@ -83,7 +83,8 @@ def generate_all(args, task, items):
         ctx = svf.merged(model, args.expert)
     with ctx:
         return answer(model, tok, task, items, temperature=args.temperature, seed=args.seed,
-                      max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed)
+                      max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed,
+                      progress=f"{task.name} {args.split}")
 
 
 def evaluate(args, task):

@@ -184,13 +184,14 @@ def render_prompt(tokenizer, task: Task, item: dict) -> str:
 
 def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temperature=0.0, top_p=1.0, seed=0,
            max_new_tokens=None, slots=64, zs=None, rescale=True, base_rows=None, prompts=None, embed=None,
-           check=True) -> list[dict]:
+           check=True, progress=None) -> list[dict]:
     """The one path from task items to verdicts (evals, REINFORCE rollouts, CEM, dispatch, benchmarks):
     render each item's prompt, generate `samples` answers per item with generate.py's engine, check them.
 
     prompts: already-made prompts instead of rendering (a VLM's id lists with image tokens expanded);
     zs / rescale / base_rows / embed: per-item SVF scales and the prefill hook, as in generate.generate;
-    check=False skips the checker (items without gold, e.g. dispatch's pass 1).
+    check=False skips the checker (items without gold, e.g. dispatch's pass 1);
+    progress: a label for a progress bar of finished answers (long runs).
     Returns one record per answer, item-major (item i's samples at i*samples ... i*samples+samples-1):
       prompt (the text, when prompts are strings), prompt_ids, ids (generated ids), completion (text),
       extracted (None: no final answer found),
@@ -203,7 +204,7 @@ def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temper
     prompt_ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     g = generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens or task.max_new_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, stop=list(task.stop) or None, samples=samples,
-                 slots=slots, zs=zs, rescale=rescale, base_rows=base_rows, embed=embed)
+                 slots=slots, zs=zs, rescale=rescale, base_rows=base_rows, embed=embed, progress=progress)
     rows = [items[r // samples] for r in range(len(g.ids))]
     correct = task.check(rows, g.texts) if check else [None] * len(rows)
     return [{"prompt": prompts[r // samples] if isinstance(prompts[r // samples], str) else None,

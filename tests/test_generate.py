@@ -42,6 +42,16 @@ def test_fewer_slots_than_prompts_equals_one_by_one_greedy():
         assert [len(i) for i in g.ids] == caps and all(g.cut)
 
 
+def test_progress_bar_only_when_asked(capsys):
+    model, ps = tiny_model(), prompts()
+    quiet = generate(model, NoStop(), ps, max_new_tokens=4, slots=2, samples=2)
+    assert capsys.readouterr().err == ""
+    shown = generate(model, NoStop(), ps, max_new_tokens=4, slots=2, samples=2, progress="answers")
+    err = capsys.readouterr().err
+    assert "answers:" in err and "/10" in err  # one tick per finished answer, 5 prompts x 2 samples
+    assert shown.ids == quiet.ids
+
+
 def test_seeded_sampling_does_not_depend_on_slots():
     model, ps = tiny_model(), prompts()
     runs = [generate(model, NoStop(), ps, max_new_tokens=8, temperature=1.0, seed=7, slots=s).ids for s in (1, 2, 5)]

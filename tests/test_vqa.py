@@ -47,8 +47,8 @@ def test_wrong_reward_option():
     import reinforce
     default = reinforce.get_args(["--task", "easy_vqa", "--out", "/tmp/x"])
     vlm_runs = reinforce.get_args(["--task", "easy_vqa", "--out", "/tmp/x", "--wrong-reward", "-0.1"])
-    assert [reinforce.reward(c, default) for c in (True, False)] == [1.0, -1.0]
-    assert [reinforce.reward(c, vlm_runs) for c in (True, False)] == [1.0, -0.1]
+    assert [reinforce.reward(c, False, default) for c in (True, False)] == [1.0, -1.0]
+    assert [reinforce.reward(c, False, vlm_runs) for c in (True, False)] == [1.0, -0.1]
 
 
 @pytest.fixture(scope="module")

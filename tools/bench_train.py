@@ -134,7 +134,7 @@ def bench(args):
     print(f"engine / static {e / a:.2f}x | engine / transformers {e / b:.2f}x | engine / ceiling {e / c:.0%}")
     correct = task.check([it for it in items for _ in range(args.samples)], g.texts)
     ra = reinforce.get_args(["--task", args.task, "--out", "/dev/null", "--kl-coef", "0"])
-    weights = reinforce.advantages([reinforce.reward(x, ra) for x in correct], args.samples, "loo")
+    weights = reinforce.advantages([reinforce.reward(x, c, ra) for x, c in zip(correct, g.cut)], args.samples, "loo")
     prompt_ids = [p for p in prompts for _ in range(args.samples)]
 
     def backward(layers, share, rows):
