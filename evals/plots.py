@@ -22,7 +22,7 @@ def _save(plt, fig, path):
 
 def plot_curve(path, metrics):
     """Training curve: the rate of right and of cut (hit --max-new-tokens) rollouts per update, and
-    the validation accuracy with its 95% Wilson interval. `metrics`: reinforce.py's per-update dicts."""
+    the validation accuracy with its 95% Wilson interval and the validation cut rate. `metrics`: reinforce.py's per-update dicts."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     t = [m for m in metrics if "train_acc" in m]  # --objective sft has no rollouts: validation only
@@ -32,6 +32,8 @@ def plot_curve(path, metrics):
     ax.errorbar([m["step"] for m in v], [m["valid_acc"] for m in v],
                 yerr=[[m["valid_acc"] - m["valid_lo"] for m in v], [m["valid_hi"] - m["valid_acc"] for m in v]],
                 fmt="o-", label="valid accuracy (95% CI)")
+    vc = [m for m in v if "valid_cut" in m]  # greedy answers that ran into the cap: format, apart from accuracy
+    ax.plot([m["step"] for m in vc], [m["valid_cut"] for m in vc], "s--", label="valid cut")
     ax.set_xlabel("update")
     ax.set_ylabel("fraction")
     ax.legend(fontsize=8)
