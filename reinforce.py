@@ -432,9 +432,8 @@ def main(args):
 
     hparams = {k: getattr(args, k) for k in ("task", "targets", "layers", "steps", "batch_size", "lr", "optimizer",
                                              "weight_decay", "clip", "kl_coef", "kl_direction", "temperature",
-                                             "samples", "max_new_tokens", "seed", "wrong_reward", "baseline")}
-    if args.cut_reward is not None:  # recorded only when set, so older checkpoints still resume
-        hparams.update(cut_reward=args.cut_reward)
+                                             "samples", "max_new_tokens", "seed", "wrong_reward", "cut_reward",
+                                             "baseline")}
     if args.adapter != "svf" or args.objective != "rl":  # recorded when not the method's defaults
         hparams.update(adapter=args.adapter, objective=args.objective)
     if args.adapter == "lora":

@@ -21,8 +21,9 @@ def _save(plt, fig, path):
 
 
 def plot_curve(path, metrics):
-    """Training curve: the rate of right and of cut (hit --max-new-tokens) rollouts per update, and
-    the validation accuracy with its 95% Wilson interval and the validation cut rate. `metrics`: reinforce.py's per-update dicts."""
+    """Training curve: the rate of right and of cut (hit --max-new-tokens) rollouts per update, the
+    validation accuracy with its 95% Wilson interval, and the validation cut rate.
+    `metrics`: reinforce.py's per-update dicts."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     t = [m for m in metrics if "train_acc" in m]  # --objective sft has no rollouts: validation only

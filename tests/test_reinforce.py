@@ -129,7 +129,6 @@ def test_leave_one_out_baseline_by_hand():
         reinforce.main(reinforce.get_args(["--task", "gsm8k", "--out", "/tmp/x", "--baseline", "loo"]))
 
 
-
 def test_cut_reward_scores_unfinished_answers_apart():
     args = reinforce.get_args(["--task", "gsm8k", "--out", "/tmp/x", "--wrong-reward", "0", "--cut-reward", "-1"])
     # (right, cut): right and finished, wrong and finished, cut with a lucky number, cut and wrong
@@ -141,6 +140,7 @@ def test_cut_reward_scores_unfinished_answers_apart():
     # one question, 4 answers [1, 0, -1, -1]: leave-one-out 1 - (-2)/3, 0 - (-1)/3, -1 - 0/3, -1 - 0/3
     r = [reinforce.reward(c, k, args) for c, k in answers]
     assert reinforce.advantages(r, 4, "loo") == pytest.approx([5 / 3, 1 / 3, -1.0, -1.0])
+
 
 def test_batches_are_without_replacement():
     seen = [i for step in range(5) for i in reinforce.batch_indices(step, 10, 4, seed=1)]
