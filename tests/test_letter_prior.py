@@ -21,13 +21,18 @@ def test_fit_bias_matches_gold_frequencies():
     assert torch.allclose(bias, torch.tensor([0.0, math.log(3 / 5), math.log(2 / 5), 0.0, 0.0]), atol=1e-4)
 
 
-def test_fitted_bias_removes_a_letter_habit():
-    # every question: the gold letter at log-prob -1, "C" at -0.5 (when not gold), the rest at -3;
-    # argmax answers C everywhere (right only when C is gold); a negative bias on C fixes all of them
+def letter_habit():
+    """20 four-option questions, gold A-D five times each: the gold letter at log-prob -1, "C" at
+    -0.5 (when not gold), the rest at -3, so argmax answers C everywhere (right only when C is gold)."""
     gold = torch.tensor([0, 1, 2, 3] * 5)
     lp = torch.full((20, 5), -3.0)
     lp[:, 2] = -0.5
     lp[torch.arange(20), gold] = -1.0
+    return lp, gold
+
+
+def test_fitted_bias_removes_a_letter_habit():
+    lp, gold = letter_habit()  # a negative bias on C makes every answer right
     assert (letter_prior.predict(lp, [4] * 20) == 2).all()
     bias = letter_prior.fit_bias(lp, [4] * 20, gold)
     assert bias[2] < -0.5
@@ -58,12 +63,8 @@ def test_letter_logprobs_equal_a_forward_of_the_prompt(tiny_dir):
 
 
 def test_load_writes_per_item_files_evals_can_compare(tmp_path, capsys):
-    # the letter-habit questions of the test above, saved as --out would; report them with --load
-    gold = [0, 1, 2, 3] * 5
-    lp = torch.full((20, 5), -3.0)
-    lp[:, 2] = -0.5
-    lp[torch.arange(20), torch.tensor(gold)] = -1.0
-    split = {"ids": [f"q{i}" for i in range(20)], "gold": gold, "n_choices": [4] * 20, "lp": lp.tolist()}
+    lp, gold = letter_habit()  # saved as --out would; reported with --load
+    split = {"ids": [f"q{i}" for i in range(20)], "gold": gold.tolist(), "n_choices": [4] * 20, "lp": lp.tolist()}
     saved = tmp_path / "letters.json"
     saved.write_text(json.dumps({"task": "arc_easy_direct", "expert": None, "splits": {"train": split, "valid": split}}))
     letter_prior.main(letter_prior.parse_args(["--load", str(saved), "--per-item", str(tmp_path / "items")]))
@@ -78,4 +79,11 @@ def test_load_names_a_missing_split(tmp_path):
     saved = tmp_path / "letters.json"
     saved.write_text(json.dumps({"task": "arc_easy_direct", "expert": None, "splits": {"train": {}}}))
     with pytest.raises(ValueError, match="has no split 'valid'"):
+        letter_prior.main(letter_prior.parse_args(["--load", str(saved)]))
+
+
+def test_load_refuses_another_tasks_letters(tmp_path):
+    saved = tmp_path / "letters.json"
+    saved.write_text(json.dumps({"task": "arc_challenge_direct", "expert": None, "splits": {}}))
+    with pytest.raises(ValueError, match="holds arc_challenge_direct letters"):
         letter_prior.main(letter_prior.parse_args(["--load", str(saved)]))

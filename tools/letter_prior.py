@@ -20,7 +20,6 @@ import collections
 import contextlib
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -92,7 +91,7 @@ def report(name, lp, n_choices, gold, bias):
 
 
 def compute(args, task):
-    """{split: {ids, gold, n_choices, lp, seconds}} for the fit split and every reported split."""
+    """{split: {ids, gold, n_choices, lp}} for the fit split and every reported split."""
     device, dtype = cli.device_and_dtype(args)
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(args.model)
@@ -104,11 +103,9 @@ def compute(args, task):
     with ctx:
         for split in dict.fromkeys([args.fit_split, *args.splits]):  # the fit split first, once
             items = task.load(split)[:args.limit]
-            t0 = time.time()
             lp = letter_logprobs(model, tok, task, items, progress=f"{split} prompts").cpu()
             data[split] = {"ids": [it["id"] for it in items], "gold": [LETTERS.index(it["gold"]) for it in items],
-                           "n_choices": [len(it["choices"]) for it in items], "lp": lp.tolist(),
-                           "seconds": time.time() - t0}
+                           "n_choices": [len(it["choices"]) for it in items], "lp": lp.tolist()}
     return data
 
 
@@ -120,6 +117,8 @@ def main(args):
         raise ValueError(f"--task {args.task}: needs a letter-only task (arc_easy_direct, arc_challenge_direct)")
     if args.load:  # letters measured before: no model needed
         saved = json.loads(Path(args.load).read_text())
+        if saved["task"] != task.name:
+            raise ValueError(f"{args.load}: holds {saved['task']} letters, not {task.name} (--task)")
         data, args.expert = saved["splits"], saved["expert"]
         missing = [s for s in [args.fit_split, *args.splits] if s not in data]
         if missing:
