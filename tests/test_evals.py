@@ -13,12 +13,12 @@ from evals.__main__ import main, parse_args
 from evals.arc import extract_letter
 from evals.common import extract_code
 from evals.gsm8k import official_number, parse_number
-from evals.math import equivalent, last_boxed
+from evals.math import SUBJECTS, equivalent, last_boxed
 
 
 # ----------------------------------------------------------------------------- splits
 
-SIZES = {("gsm8k", "train"): 3737, ("gsm8k", "valid"): 3736, ("gsm8k", "test"): 1319, ("math", "test"): 5000,
+SIZES = {("gsm8k", "train"): 3737, ("gsm8k", "valid"): 3736, ("gsm8k", "test"): 1319, ("math", "test"): 5000, ("math", "shuffled"): 5000,
          ("mbpp", "train"): 299, ("mbpp", "valid"): 100, ("mbpp", "test"): 100, ("humaneval", "test"): 164,
          ("arc_easy", "train"): 285, ("arc_easy", "valid"): 285, ("arc_easy", "test"): 2376,
          ("arc_challenge", "valid"): 299, ("arc_challenge", "test"): 1172}
@@ -60,6 +60,18 @@ def test_no_evaluation_item_in_training_or_validation(loaded):
     assert not keys("arc_easy", "train") & keys("arc_challenge", "test")
     # the MBPP split is fixed (seeded): same ids on every call
     assert [it["id"] for it in get_task("mbpp").load("test")] == [it["id"] for it in loaded["mbpp", "test"]]
+
+
+def test_math_shuffled_split_is_a_fixed_draw_of_the_test_set(loaded):
+    """--split shuffled --limit N: the test problems in a seeded order, so the first N span every subject
+    and level (the first N of "test" are all algebra) and every script gets the same N."""
+    test, shuffled = loaded["math", "test"], loaded["math", "shuffled"]
+    assert sorted(it["id"] for it in shuffled) == sorted(it["id"] for it in test)
+    assert {it["id"].split("/")[0] for it in test[:350]} == {"algebra"}
+    first = shuffled[:350]
+    assert {it["id"].split("/")[0] for it in first} == set(SUBJECTS)
+    assert {it["level"] for it in first} == {f"Level {k}" for k in range(1, 6)}
+    assert [it["id"] for it in get_task("math").load("shuffled")[:350]] == [it["id"] for it in first]
 
 
 def test_get_task_and_bad_split():
