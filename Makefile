@@ -14,7 +14,7 @@ CKPT_smollm2-135m        := checkpoints/smollm2-135m-instruct
 CKPT_qwen2.5-coder-0.5b  := checkpoints/qwen2.5-coder-0.5b-instruct
 CKPT := $(CKPT_$(MODEL))
 
-.PHONY: setup model test bench bench-svf bench-train train cem dispatch clean-venv
+.PHONY: setup model test bench bench-svf bench-train train cem dispatch unseen clean-venv
 
 setup: .venv/.done
 
@@ -106,6 +106,32 @@ dispatch: experts-math+code+reasoning+cls setup
 	$(PY) dispatch.py --model $(CKPT_$(XM)) --experts math=$(EXPERT_DIR)/math.safetensors \
 	    code=$(EXPERT_DIR)/code.safetensors reasoning=$(EXPERT_DIR)/reasoning.safetensors \
 	    --cls-expert $(EXPERT_DIR)/cls.safetensors $(ARGS)
+
+# unseen: paper Tables 2-3 on one unseen task, every row on the same first N items of the split:
+# base, uniform α and few-shot CEM (cem.py; its shots are left out of every row), each single expert
+# (evals), prompt and cls dispatch (dispatch.py), then one table with paired tests (tools/pass2_table.py).
+#   make unseen TASK=arc_challenge_direct N=500     make unseen TASK=humaneval N=164     make unseen TASK=math N=350
+# MATH uses its "shuffled" split (a seeded draw over all subjects and levels); CEM=... sets cem.py's size
+# (default: the paper's light variant, 3 shots x 10 generations); ARGS go to every script (e.g. --max-new-tokens).
+N   ?= 500
+CEM ?= --light
+UNSEEN_SPLIT = $(if $(filter math,$(TASK)),shuffled,test)
+UNSEEN_DIR = runs/unseen-$(TASK)
+UNSEEN_DATA = --task $(TASK) --split $(UNSEEN_SPLIT) --limit $(N) --model $(CKPT_$(XM))
+ROUTED = --experts math=$(EXPERT_DIR)/math.safetensors code=$(EXPERT_DIR)/code.safetensors \
+         reasoning=$(EXPERT_DIR)/reasoning.safetensors
+unseen: experts-math+code+reasoning+cls setup
+	$(MAKE) --no-print-directory model MODEL=$(XM)
+	$(PY) cem.py $(UNSEEN_DATA) --experts $(EXPERT_DIR)/math.safetensors $(EXPERT_DIR)/code.safetensors \
+	    $(EXPERT_DIR)/reasoning.safetensors --out $(UNSEEN_DIR)/cem $(CEM) $(ARGS)
+	for c in math code reasoning; do \
+	    $(PY) -m evals $(UNSEEN_DATA) --expert $(EXPERT_DIR)/$$c.safetensors --out $(UNSEEN_DIR)/$$c.jsonl $(ARGS) || exit 1; done
+	$(PY) dispatch.py $(UNSEEN_DATA) --strategy prompt $(ROUTED) --out $(UNSEEN_DIR)/prompt $(ARGS)
+	$(PY) dispatch.py $(UNSEEN_DATA) --strategy cls $(ROUTED) --cls-expert $(EXPERT_DIR)/cls.safetensors \
+	    --out $(UNSEEN_DIR)/cls $(ARGS)
+	$(PY) tools/pass2_table.py --task $(TASK) base=$(UNSEEN_DIR)/cem/base.jsonl uniform=$(UNSEEN_DIR)/cem/uniform.jsonl \
+	    math=$(UNSEEN_DIR)/math.jsonl code=$(UNSEEN_DIR)/code.jsonl reasoning=$(UNSEEN_DIR)/reasoning.jsonl \
+	    prompt=$(UNSEEN_DIR)/prompt cls=$(UNSEEN_DIR)/cls fewshot=$(UNSEEN_DIR)/cem/cem.jsonl | tee $(UNSEEN_DIR)/table.md
 
 clean-venv:
 	rm -rf .venv
