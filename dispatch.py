@@ -15,7 +15,9 @@ that mixes flags is refused (svf.load_experts).
 One prompt: merged weights, prints category, expert, answer and both passes' times:
     python dispatch.py "Write a function that reverses a linked list."
 A whole task: accuracy (95% CI), dispatch confusion matrix (rows true, columns predicted),
-pass-1 / pass-2 seconds (paper Table 3) and, with --compare-base, a McNemar test vs the base:
+pass-1 / pass-2 seconds (paper Table 3), with --compare-base a McNemar test vs the base, and with
+--time-merged the time of pass 2 done the official way (one weight merge per category group) against
+the one routed batch (rows on different experts, svf.py's per-row z):
     python dispatch.py --task humaneval --strategy prompt --limit 20 --out runs/dispatch-humaneval
     python dispatch.py --task math --strategy prompt --classify-only --limit 30   # pass 1 only
 Experts are always named explicitly (--experts math=F code=F reasoning=F, --cls-expert F); `make dispatch`
@@ -69,6 +71,9 @@ def get_args(argv=None):
     g.add_argument("--slots", type=int, default=64, help="sequences decoded together (continuous batching)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="pass 2 (default: the task's, or 512)")
     g.add_argument("--compare-base", action="store_true", help="also answer with the base model (McNemar)")
+    g.add_argument("--time-merged", action="store_true",
+                   help="also run pass 2 the official way (merge each category's expert, answer its group) and "
+                        "report its time against the one routed batch")
     g.add_argument("--out", default=None, help="folder: items.jsonl, summary.json, confusion.png")
     g.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     cli.add_device_args(p)
@@ -151,6 +156,24 @@ def pass2(model, tok, task, items, categories, experts, cache, args):
     records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, zs=zs,
                      rescale=False, base_rows=base, progress="pass 2")
     return [r["completion"] for r in records]
+
+
+def pass2_merged(model, tok, task, items, categories, experts, cache, args):
+    """Pass 2 the official code's way, for timing against pass2's one batch: per category, merge that
+    expert into the weights (svf.merged; "other" = the base weights) and answer its questions alone."""
+    svf.detach(model)  # merging writes W′ into the plain nn.Linear weights
+    texts = [None] * len(items)
+    try:
+        for c in sorted(set(categories)):
+            group = [i for i, p in enumerate(categories) if p == c]
+            with adapted(model, c, experts):
+                records = answer(model, tok, task, [items[i] for i in group], max_new_tokens=args.max_new_tokens,
+                                 slots=args.slots, check=False, progress=f"pass 2 merged, {c}")
+            for i, r in zip(group, records):
+                texts[i] = r["completion"]
+    finally:
+        svf.attach(model, cache)
+    return texts
 
 
 def confusion(true, pred):
@@ -240,6 +263,12 @@ def main(args):
             print(f"base   | accuracy {summary['base_acc']} | McNemar p = {summary['mcnemar_p']:.3g} (paired, n={len(items)})")
             for row, ok in zip(rows, base):
                 row["base_correct"] = ok
+        if args.time_merged and experts:  # the same pass 2, one weight merge per category group
+            t3 = time.perf_counter()
+            merged = pass2_merged(model, tok, task, items, pred, experts, cache, args)
+            summary.update(merged_pass2_s=time.perf_counter() - t3, merged_same=sum(a == b for a, b in zip(merged, texts)))
+            print(f"pass 2, merged per category ({len(set(pred))} groups) | {summary['merged_pass2_s']:.1f} s vs "
+                  f"{t2 - t1:.1f} s in one batch | same answer {summary['merged_same']}/{len(items)}")
 
     if args.out:
         out = Path(args.out)

@@ -219,11 +219,13 @@ def test_cli_task_and_prompt_end_to_end(tiny_run):
     folder, specs, tmp = tiny_run
     common = ["--model", str(folder), "--experts", *specs, "--threads", "1"]
     s = dispatch.main(dispatch.get_args(["--task", "gsm8k", "--limit", "3", "--slots", "2",
-                                         "--max-new-tokens", "3", "--compare-base", "--out", str(tmp / "out"),
-                                         *common]))
+                                         "--max-new-tokens", "3", "--compare-base", "--time-merged",
+                                         "--out", str(tmp / "out"), *common]))
     assert s["n"] == 3 and sum(map(sum, s["confusion"])) == 3 and s["categories"] == list(CATEGORIES)
     assert sum(s["confusion"][CATEGORIES.index("math")]) == 3  # gsm8k's true category is math
     assert s["pass1_s"] > 0 and s["pass2_s"] > 0 and "mcnemar_p" in s and "(n=3)" in s["acc"]
+    # the official way (a weight merge per category group) gives the routed batch's answers
+    assert s["merged_pass2_s"] > 0 and s["merged_same"] == 3
     rows = [json.loads(line) for line in (tmp / "out" / "items.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and [r["category"] for r in rows] == [cls_task.extract(r["pass1"]) for r in rows]
     predicted = Counter(r["category"] for r in rows)  # the confusion's columns are the rows' categories
