@@ -19,7 +19,8 @@ def test_table_pairs_common_items(tmp_path, capsys):
     d = tmp_path / "prompt"
     d.mkdir()
     write(d / "items.jsonl", [{"id": i, "category": "math", "correct": i < 2} for i in range(6)])
-    (d / "summary.json").write_text(json.dumps({"dispatch": "50.0% [..]", "pass1_s": 10.0, "pass2_s": 40.0, "ratio": 0.25}))
+    (d / "summary.json").write_text(json.dumps({"dispatch": "50.0% [..]", "pass1_s": 10.0, "pass2_s": 40.0, "ratio": 0.25,
+                                                "merged_pass2_s": 55.0}))
     pass2_table.main(["--task", "t", f"base={tmp_path}/base.jsonl", f"uniform={tmp_path}/uniform.jsonl", f"prompt={d}"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "t: 6 items in every file"
@@ -29,3 +30,4 @@ def test_table_pairs_common_items(tmp_path, capsys):
     # prompt (1,1,0,0,0,0) vs base (1,0,0,0,0,0): 1–0, p = 1; vs uniform: 0–4, p = 0.125
     assert "1–0, p = 1" in rows["prompt"] and "0–4, p = 0.12" in rows["prompt"]
     assert "10 s / 40 s = 0.25" in rows["prompt"]
+    assert "| 10 s / 40 s = 0.25 (pass 2 merged per group: 55 s) |" in rows["prompt"]

@@ -4,7 +4,8 @@ Each file holds one JSON line per item with "id" and "correct" (`python -m evals
 cem.py's base/uniform/cem.jsonl, dispatch.py's items.jsonl). Rows are compared on the items
 every file has (cem.py leaves its shots out; dispatch.py does not), with an exact McNemar test
 against the first two methods (base and uniform α). For dispatch.py folders, the dispatch
-accuracy and the pass-1 / pass-2 times come from summary.json.
+accuracy and the pass-1 / pass-2 times come from summary.json (with dispatch.py --time-merged, also
+pass 2's time when merged per category group, the official way).
 
     python tools/pass2_table.py --task arc_challenge_direct base=runs/cem-x/base.jsonl \
         uniform=runs/cem-x/uniform.jsonl prompt=runs/dispatch-prompt-x cls=runs/dispatch-cls-x
@@ -57,8 +58,10 @@ def main(argv=None):
             losses = sum(b and not a for a, b in zip(got, other))
             cells.append(f"{wins}–{losses}, p = {mcnemar(got, other):.2g}")
         if summary and "pass2_s" in summary:
-            cells += [summary.get("dispatch", ""),
-                      f"{summary['pass1_s']:.0f} s / {summary['pass2_s']:.0f} s = {summary['ratio']:.2f}"]
+            times = f"{summary['pass1_s']:.0f} s / {summary['pass2_s']:.0f} s = {summary['ratio']:.2f}"
+            if "merged_pass2_s" in summary:  # dispatch.py --time-merged: pass 2 merged per category group
+                times += f" (pass 2 merged per group: {summary['merged_pass2_s']:.0f} s)"
+            cells += [summary.get("dispatch", ""), times]
         else:
             cells += ["", ""]
         print("| " + " | ".join(cells) + " |")
