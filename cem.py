@@ -157,6 +157,13 @@ def cem(fitness, shape, args, log=print):
 # -----------------------------------------------------------------------------
 # Reporting
 
+def expert_name(path):
+    """An expert file's label in logs and the α plot: experts/<model>/math.safetensors -> "math";
+    a run's runs/gsm8k-qwen/best.safetensors (or last) -> "gsm8k-qwen"."""
+    path = Path(path)
+    return path.parent.name if path.stem in ("best", "last") else path.stem
+
+
 def answer_all(model, tok, task, items, zs, args):
     """Greedy correctness on `items` with z's merged (None = the base model)."""
     svf.set_z(model, None)
@@ -188,7 +195,7 @@ def main(args):
     rest = [it for it in items if json.dumps(it["id"]) not in shot_ids][:args.limit]
     K, M = len(experts), len(experts[0].theta)
     shape = (K, M) if args.per_layer else (K,)
-    names = [Path(p).parent.name or Path(p).stem for p in args.experts]
+    names = [expert_name(p) for p in args.experts]
     log = print if rank == 0 else (lambda *a: None)
 
     def fitness(pop):

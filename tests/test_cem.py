@@ -61,6 +61,12 @@ def test_cem_finds_the_optimum_of_a_toy_objective():
     assert hist[-1]["best_ll"] > hist[0]["best_ll"]  # the ties at 0.9 were broken towards the target
 
 
+def test_expert_names_in_logs():
+    assert cem.expert_name("experts/qwen2.5-coder-0.5b-instruct/math.safetensors") == "math"
+    assert cem.expert_name("runs/gsm8k-qwen2.5-coder-0.5b/best.safetensors") == "gsm8k-qwen2.5-coder-0.5b"
+    assert cem.expert_name("runs/mbpp-x/last.safetensors") == "mbpp-x"
+
+
 def test_ties_are_broken_by_log_likelihood():
     acc = torch.tensor([0.5, 0.7, 0.7, 0.1])
     ll = torch.tensor([-0.1, -2.0, -1.0, 0.0])
