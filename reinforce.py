@@ -1,7 +1,8 @@
 """Train an SVF expert with REINFORCE (Transformer² paper §3.2, SPEC.md §2).
 
 One update:
-  1. draw a batch of training prompts (without replacement, epoch by epoch);
+  1. draw a batch of training prompts (without replacement, epoch by epoch; --shuffle-options
+     shows a multiple-choice question's options in a fresh order each time);
   2. roll out answers with the current expert merged into the weights (greedy as the official
      code, or sampled with --temperature, --samples per prompt);
   3. reward each answer +1 / -1 with the task's checker (evals/);
@@ -55,6 +56,7 @@ import svd_cache
 import svf
 import vlm
 from evals import get_task, TASKS
+from evals.arc import shuffle_options
 from evals.common import answer, fmt_acc, mcnemar, paired, render_prompt, wilson, write_jsonl
 from evals.plots import plot_curve
 from generate import Tokenizer, completion_hidden
@@ -105,6 +107,10 @@ def get_args(argv=None):
     g.add_argument("--samples", type=int, default=1, help="rollouts per prompt (use with --temperature > 0)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     g.add_argument("--train-limit", type=int, default=None, help="use only the first N training items")
+    g.add_argument("--shuffle-options", action="store_true",
+                   help="not in the paper; multiple choice (ARC): every update shows each question's options in a "
+                        "fresh seeded order, the same for its --samples answers, so a preferred letter earns nothing "
+                        "in expectation and only the content can (validation keeps the dataset's order)")
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--eval-every", type=int, default=10, help="updates between validations (official: 10)")
     g.add_argument("--valid-limit", type=int, default=None, help="validate on the first N items only (CPU budget)")
@@ -314,6 +320,8 @@ def update(step, model, tok, task, train, theta, opt, sched, cache, args, vision
     # one sampling seed per question (not per rank), so any number of ranks draws the same answers
     seeds = [args.seed * 7919 + step * 1009 + q * args.samples for q in mine]
     items = [train[idx[q]] for q in mine]
+    if args.shuffle_options:  # a fresh option order per question and update, shared by its samples
+        items = [shuffle_options(it, f"{args.seed}-{step}-{it['id']}") for it in items]
     prompts, embed = build_prompts(tok, task, items, vision)  # a VLM's images are preprocessed once
     records = rollout(model, tok, task, items, prompts, embed, theta, cache, args, seeds, f"update {step + 1} rollouts")
     t_rollout = time.time() - t0
@@ -419,6 +427,8 @@ def main(args):
                          f"times the {ws} rank(s): each rank answers whole questions")
     if args.objective == "sft" and not hasattr(task, "reference"):
         raise ValueError(f"--objective sft needs reference solutions; task {args.task} has none (gsm8k and mbpp do)")
+    if args.shuffle_options and "choices" not in task.load("valid")[0]:
+        raise ValueError(f"--shuffle-options needs a multiple-choice task (arc_*); {args.task} has no options")
     if args.baseline and args.samples < 2:
         raise ValueError("--baseline loo compares answers to the same prompt: it needs --samples 2 or more")
     args.max_new_tokens = args.max_new_tokens or task.max_new_tokens
@@ -434,6 +444,8 @@ def main(args):
                                              "weight_decay", "clip", "kl_coef", "kl_direction", "temperature",
                                              "samples", "max_new_tokens", "seed", "wrong_reward", "cut_reward",
                                              "baseline")}
+    if args.shuffle_options:
+        hparams.update(shuffle_options=True)
     if args.adapter != "svf" or args.objective != "rl":  # recorded when not the method's defaults
         hparams.update(adapter=args.adapter, objective=args.objective)
     if args.adapter == "lora":

@@ -113,6 +113,15 @@ class ARC(Task):
         return out
 
 
+def shuffle_options(item: dict, seed) -> dict:
+    """A copy of `item` with its options in an order drawn by random.Random(seed) and the gold letter
+    moved with its option (reinforce.py --shuffle-options: a letter habit earns nothing in expectation)."""
+    order = list(range(len(item["choices"])))
+    random.Random(seed).shuffle(order)
+    gold = LETTERS.index(item["gold"])
+    return dict(item, choices=[item["choices"][i] for i in order], gold=LETTERS[order.index(gold)])
+
+
 DIRECT_SYSTEM = "Answer the multiple-choice question with the letter of the correct option."
 EASY_NOTE = "ARC-Easy train/valid = validation (570) even/odd: the 2,251 train questions are not offline"
 arc_easy = ARC("arc_easy", splits=("train", "valid", "test"), max_new_tokens=512, note=EASY_NOTE)

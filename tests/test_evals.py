@@ -10,7 +10,7 @@ import pytest
 
 from evals import TASKS, fmt_acc, get_task, mcnemar, render_prompt, wilson
 from evals.__main__ import main, parse_args
-from evals.arc import extract_letter
+from evals.arc import LETTERS, extract_letter, shuffle_options
 from evals.common import extract_code
 from evals.gsm8k import official_number, parse_number
 from evals.math import SUBJECTS, equivalent, last_boxed
@@ -72,6 +72,21 @@ def test_math_shuffled_split_is_a_fixed_draw_of_the_test_set(loaded):
     assert {it["id"].split("/")[0] for it in first} == set(SUBJECTS)
     assert {it["level"] for it in first} == {f"Level {k}" for k in range(1, 6)}
     assert [it["id"] for it in get_task("math").load("shuffled")[:350]] == [it["id"] for it in first]
+
+
+def test_shuffle_options_moves_the_gold_letter_with_its_option(loaded):
+    items = loaded["arc_easy", "train"][:200]
+    seen = set()
+    for it in items:
+        sh = shuffle_options(it, f"0-3-{it['id']}")
+        assert sorted(sh["choices"]) == sorted(it["choices"]) and sh["question"] == it["question"]
+        assert sh["choices"][LETTERS.index(sh["gold"])] == it["choices"][LETTERS.index(it["gold"])]
+        assert shuffle_options(it, f"0-3-{it['id']}") == sh  # the seed fixes the order
+        seen.add(sh["gold"])
+    assert seen == {"A", "B", "C", "D"}
+    moved = sum(shuffle_options(it, f"a-{it['id']}")["gold"] != it["gold"] for it in items)
+    assert 100 < moved < 200  # about 3 in 4 move with four options
+    assert items[0]["choices"] == loaded["arc_easy", "train"][0]["choices"]  # the input is not modified
 
 
 def test_get_task_and_bad_split():

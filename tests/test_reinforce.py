@@ -236,6 +236,35 @@ def test_patience_stops_and_best_is_the_best_validation(tiny_dir, tmp_path, monk
 
 
 
+def test_shuffle_options_reaches_the_rollouts(tiny_dir, tmp_path, monkeypatch):
+    """--shuffle-options: the update's prompts show the options in a new order (gold moved with its
+    option); without it they are the dataset's; a task without options is refused."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    seen = []
+
+    def spy(tok, task, items, vision=None):
+        seen.append(items)
+        return build(tok, task, items, vision)
+
+    build = reinforce.build_prompts
+    monkeypatch.setattr(reinforce, "build_prompts", spy)
+    common = dict(task="arc_easy_direct", steps=1, eval_every=5, valid_limit=2, max_new_tokens=2, samples=2,
+                  kl_coef=0)
+    by_id = {it["id"]: it for it in TASKS["arc_easy_direct"].load("train")}
+    reinforce.main(reinforce.get_args(tiny_args(tiny_dir, tmp_path / "plain", **common)))
+    reinforce.main(reinforce.get_args(tiny_args(tiny_dir, tmp_path / "shuffled", **common) + ["--shuffle-options"]))
+    # the update's questions (training ids; validation also renders its prompts here)
+    plain, shuffled = [items for items in seen if all(it["id"] in by_id for it in items)]
+    assert [it["id"] for it in plain] == [it["id"] for it in shuffled] and len(plain) == 2
+    assert all(it == by_id[it["id"]] for it in plain)
+    assert any(it["choices"] != by_id[it["id"]]["choices"] for it in shuffled)
+    for it in shuffled:
+        orig = by_id[it["id"]]
+        assert it["choices"][ord(it["gold"]) - 65] == orig["choices"][ord(orig["gold"]) - 65]
+    with pytest.raises(ValueError, match="needs a multiple-choice task"):
+        reinforce.main(reinforce.get_args(tiny_args(tiny_dir, tmp_path / "x", steps=1) + ["--shuffle-options"]))
+
+
 # ---------------------------------------------------------------- the baselines of paper Table 4
 
 def test_lora_rl_update_trains_only_b_first(tiny_dir, tmp_path):
