@@ -119,6 +119,8 @@ dispatch: experts-math+code+reasoning+cls setup
 #   make unseen TASK=arc_challenge_direct N=500     make unseen TASK=humaneval N=164     make unseen TASK=math N=350
 # MATH uses its "shuffled" split (a seeded draw over all subjects and levels); CEM=... sets cem.py's size
 # (default: the paper's light variant, 3 shots x 10 generations); ARGS go to every script (e.g. --max-new-tokens).
+# A step whose result file exists is skipped, so after a kill `make unseen` goes on where it stopped
+# (delete runs/unseen-TASK to start over, e.g. with other experts).
 N   ?= 500
 CEM ?= --light
 UNSEEN_SPLIT = $(if $(filter math,$(TASK)),shuffled,test)
@@ -128,13 +130,14 @@ ROUTED = --experts math=$(EXPERT_DIR)/math.safetensors code=$(EXPERT_DIR)/code.s
          reasoning=$(EXPERT_DIR)/reasoning.safetensors
 unseen: experts-math+code+reasoning+cls setup
 	$(MAKE) --no-print-directory model MODEL=$(XM)
-	$(PY) cem.py $(UNSEEN_DATA) --experts $(EXPERT_DIR)/math.safetensors $(EXPERT_DIR)/code.safetensors \
-	    $(EXPERT_DIR)/reasoning.safetensors --out $(UNSEEN_DIR)/cem $(CEM) $(ARGS)
-	for c in math code reasoning; do \
+	test -f $(UNSEEN_DIR)/cem/summary.json || $(PY) cem.py $(UNSEEN_DATA) --experts $(EXPERT_DIR)/math.safetensors \
+	    $(EXPERT_DIR)/code.safetensors $(EXPERT_DIR)/reasoning.safetensors --out $(UNSEEN_DIR)/cem $(CEM) $(ARGS)
+	for c in math code reasoning; do test -f $(UNSEEN_DIR)/$$c.jsonl || \
 	    $(PY) -m evals $(UNSEEN_DATA) --expert $(EXPERT_DIR)/$$c.safetensors --out $(UNSEEN_DIR)/$$c.jsonl $(ARGS) || exit 1; done
-	$(PY) dispatch.py $(UNSEEN_DATA) --strategy prompt $(ROUTED) --out $(UNSEEN_DIR)/prompt $(ARGS)
-	$(PY) dispatch.py $(UNSEEN_DATA) --strategy cls $(ROUTED) --cls-expert $(EXPERT_DIR)/cls.safetensors \
-	    --time-merged --out $(UNSEEN_DIR)/cls $(ARGS)
+	test -f $(UNSEEN_DIR)/prompt/summary.json || $(PY) dispatch.py $(UNSEEN_DATA) --strategy prompt $(ROUTED) \
+	    --out $(UNSEEN_DIR)/prompt $(ARGS)
+	test -f $(UNSEEN_DIR)/cls/summary.json || $(PY) dispatch.py $(UNSEEN_DATA) --strategy cls $(ROUTED) \
+	    --cls-expert $(EXPERT_DIR)/cls.safetensors --time-merged --out $(UNSEEN_DIR)/cls $(ARGS)
 	$(PY) tools/pass2_table.py --task $(TASK) base=$(UNSEEN_DIR)/cem/base.jsonl uniform=$(UNSEEN_DIR)/cem/uniform.jsonl \
 	    math=$(UNSEEN_DIR)/math.jsonl code=$(UNSEEN_DIR)/code.jsonl reasoning=$(UNSEEN_DIR)/reasoning.jsonl \
 	    prompt=$(UNSEEN_DIR)/prompt cls=$(UNSEEN_DIR)/cls fewshot=$(UNSEEN_DIR)/cem/cem.jsonl | tee $(UNSEEN_DIR)/table.md

@@ -88,10 +88,14 @@ def paired(path_a, path_b) -> tuple[list[bool], list[bool]]:
 
 
 def write_jsonl(path, rows):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    """One JSON line per row, written to a temporary file and renamed: the file is whole or absent."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
 
 
 def fetch(url: str, name: str) -> Path:

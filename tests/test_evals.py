@@ -11,7 +11,7 @@ import pytest
 from evals import TASKS, fmt_acc, get_task, mcnemar, render_prompt, wilson
 from evals.__main__ import main, parse_args
 from evals.arc import LETTERS, extract_letter, shuffle_options
-from evals.common import extract_code
+from evals.common import extract_code, read_jsonl, write_jsonl
 from evals.gsm8k import official_number, parse_number
 from evals.math import SUBJECTS, equivalent, last_boxed
 
@@ -87,6 +87,13 @@ def test_shuffle_options_moves_the_gold_letter_with_its_option(loaded):
     moved = sum(shuffle_options(it, f"a-{it['id']}")["gold"] != it["gold"] for it in items)
     assert 100 < moved < 200  # about 3 in 4 move with four options
     assert items[0]["choices"] == loaded["arc_easy", "train"][0]["choices"]  # the input is not modified
+
+
+def test_write_jsonl_replaces_the_file_whole(tmp_path):
+    path = tmp_path / "sub" / "rows.jsonl"
+    write_jsonl(path, [{"id": 1}, {"id": 2}])
+    write_jsonl(path, [{"id": 3}])  # a rewrite replaces, never appends; no temporary file is left
+    assert read_jsonl(path) == [{"id": 3}] and [p.name for p in path.parent.iterdir()] == ["rows.jsonl"]
 
 
 def test_get_task_and_bad_split():
