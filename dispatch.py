@@ -127,12 +127,13 @@ def classify(model, tok, questions, cls_expert=None, slots=64, task=cls_task):
     return [r["extracted"] for r in records], [r["completion"] for r in records]
 
 
-def adapted(model, category, experts):
-    """Single prompt: W′ of the chosen expert merged in, or for "other" the base weights, exactly."""
+def adapted(model, category, experts, cache=None):
+    """Single prompt: W′ of the chosen expert merged in, or for "other" the base weights, exactly
+    (cache: the experts' SVD cache, when already loaded)."""
     if category == "other" or category not in experts:
         svf.set_z(model, None)  # a no-op unless attached; never any leftover expert (official bug)
         return nullcontext(model)
-    return svf.merged(model, experts[category])
+    return svf.merged(model, experts[category], cache)
 
 
 def row_zs(experts, categories, cache):
@@ -166,7 +167,7 @@ def pass2_merged(model, tok, task, items, categories, experts, cache, args):
     try:
         for c in sorted(set(categories)):
             group = [i for i, p in enumerate(categories) if p == c]
-            with adapted(model, c, experts):
+            with adapted(model, c, experts, cache):  # the SVD factors loaded once, not per group
                 records = answer(model, tok, task, [items[i] for i in group], max_new_tokens=args.max_new_tokens,
                                  slots=args.slots, check=False, progress=f"pass 2 merged, {c}")
             for i, r in zip(group, records):

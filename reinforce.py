@@ -56,7 +56,7 @@ import svd_cache
 import svf
 import vlm
 from evals import get_task, TASKS
-from evals.arc import shuffle_options
+from evals.arc import ARC, shuffle_options
 from evals.common import answer, fmt_acc, mcnemar, paired, render_prompt, wilson, write_jsonl
 from evals.plots import plot_curve
 from generate import Tokenizer, completion_hidden
@@ -427,7 +427,7 @@ def main(args):
                          f"times the {ws} rank(s): each rank answers whole questions")
     if args.objective == "sft" and not hasattr(task, "reference"):
         raise ValueError(f"--objective sft needs reference solutions; task {args.task} has none (gsm8k and mbpp do)")
-    if args.shuffle_options and "choices" not in task.load("valid")[0]:
+    if args.shuffle_options and not isinstance(task, ARC):
         raise ValueError(f"--shuffle-options needs a multiple-choice task (arc_*); {args.task} has no options")
     if args.baseline and args.samples < 2:
         raise ValueError("--baseline loo compares answers to the same prompt: it needs --samples 2 or more")

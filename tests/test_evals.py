@@ -18,7 +18,8 @@ from evals.math import SUBJECTS, equivalent, last_boxed
 
 # ----------------------------------------------------------------------------- splits
 
-SIZES = {("gsm8k", "train"): 3737, ("gsm8k", "valid"): 3736, ("gsm8k", "test"): 1319, ("math", "test"): 5000, ("math", "shuffled"): 5000,
+SIZES = {("gsm8k", "train"): 3737, ("gsm8k", "valid"): 3736, ("gsm8k", "test"): 1319,
+         ("math", "test"): 5000, ("math", "shuffled"): 5000,
          ("mbpp", "train"): 299, ("mbpp", "valid"): 100, ("mbpp", "test"): 100, ("humaneval", "test"): 164,
          ("arc_easy", "train"): 285, ("arc_easy", "valid"): 285, ("arc_easy", "test"): 2376,
          ("arc_challenge", "valid"): 299, ("arc_challenge", "test"): 1172}
