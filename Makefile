@@ -72,6 +72,8 @@ RECIPE_mbpp  := --samples 8 --baseline loo --optimizer adam --lr 1e-2 --kl-coef 
 # 32 questions x 8 letters per update (the paper's batch of 256), lr 5e-3, validation on all 285
 # held-out questions every 5 updates; best.safetensors is the expert (early stopping). Measured
 # (docs/RESULTS.md): valid 38.2% -> 48.4% (update 15); test (1,000) 35.4% -> 39.8%, p = 0.010, a letter prior
+# (level with a per-letter calibration of the base model, 38.9%). ARGS="--shuffle-options --steps 10" is recipe 7
+# (options in a fresh order per update): test 39.2%, the same letter re-weighting (docs/RESULTS.md).
 RECIPE_arc_easy_direct := --samples 8 --baseline loo --optimizer adam --lr 5e-3 --kl-coef 0 --temperature 1.0 \
                 --batch-size 256 --micro-batch 64 --steps 20 --eval-every 5
 # ARC-Easy step by step, the first greedy recipe (README: stopped after 3 of 4 updates)
