@@ -35,7 +35,7 @@ import torch.distributed as dist
 import cli
 import svf
 from evals import TASKS, get_task
-from evals.common import answer, fmt_acc, mcnemar, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, mcnemar, write_jsonl
 from evals.plots import plot_alpha
 from generate import Tokenizer, score
 from model import Transformer
@@ -165,12 +165,11 @@ def expert_name(path):
 
 
 def answer_all(model, tok, task, items, zs, args):
-    """Greedy correctness on `items` with z's merged (None = the base model)."""
+    """Greedy answers to `items` with z's merged (None = the base model): evals.common.answer's records."""
     svf.set_z(model, None)
     ctx = svf.merged(model, zs, rescale=args.rescale) if zs is not None else torch.no_grad()
     with ctx:
-        records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, progress="test items")
-        return [r["correct"] for r in records]
+        return answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, progress="test items")
 
 
 def main(args):
@@ -222,15 +221,21 @@ def main(args):
     plot_alpha(out / "alpha.png", alpha, names)
     # report on the items CEM never saw: adapted vs base vs uniform α
     uniform = svf.mix(experts, torch.full(shape, 1.0 / K), args.mode)
-    res = {name: answer_all(model, tok, task, rest, zs_, args)
-           for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]}
-    for name, r in res.items():  # per item, for paired tests against other runs (python -m evals --compare)
-        write_jsonl(out / f"{name}.jsonl", [{"id": it["id"], "correct": ok} for it, ok in zip(rest, r)])
-    summary = {name: {"correct": sum(r), "n": len(r), "acc": fmt_acc(sum(r), len(r))} for name, r in res.items()}
+    records = {name: answer_all(model, tok, task, rest, zs_, args)
+               for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]}
+    res = {name: [r["correct"] for r in recs] for name, recs in records.items()}
+    summary = {}
+    for name, recs in records.items():  # per item, for paired tests against other runs (python -m evals --compare)
+        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
+        write_jsonl(out / f"{name}.jsonl", [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"],
+                                             "correct": r["correct"]} for it, r in zip(rest, recs)])
+        summary[name] = {"correct": sum(res[name]), "n": len(recs), "acc": fmt_acc(sum(res[name]), len(recs)),
+                         "answered": sum(r["extracted"] is not None for r in recs),
+                         "cut": sum(bool(r["cut"]) for r in recs)}
     summary["p_vs_base"] = mcnemar(res["cem"], res["base"])
     summary["p_vs_uniform"] = mcnemar(res["cem"], res["uniform"])
     for name in ("cem", "base", "uniform"):
-        log(f"{name:8s} {summary[name]['acc']}")
+        log(f"{name:8s} {format_counts(records[name])}")
     log(f"paired McNemar: cem vs base p={summary['p_vs_base']:.3f}, vs uniform p={summary['p_vs_uniform']:.3f}")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if dist.is_initialized():

@@ -39,7 +39,7 @@ import cli
 import svf
 from evals import get_task
 from evals.classify import CATEGORIES, cls_task, free_form
-from evals.common import answer, fmt_acc, mcnemar, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, mcnemar, write_jsonl
 from evals.plots import plot_confusion
 from generate import Tokenizer, generate
 from model import Transformer
@@ -151,12 +151,12 @@ def row_zs(experts, categories, cache):
 
 def pass2(model, tok, task, items, categories, experts, cache, args):
     """Pass 2 for a task: one engine call whose rows may use different experts (svf.py's per-row z);
-    "other" rows run on the base weights W exactly (base_rows), not on its reconstruction."""
+    "other" rows run on the base weights W exactly (base_rows), not on its reconstruction.
+    Returns evals.common.answer's records (completion, extracted, cut, correct per item)."""
     zs = row_zs(experts, categories, cache) if experts else None
     base = [c not in experts for c in categories] if experts else None
-    records = answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, zs=zs,
-                     rescale=False, base_rows=base, progress="pass 2")
-    return [r["completion"] for r in records]
+    return answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, zs=zs,
+                  rescale=False, base_rows=base, progress="pass 2")
 
 
 def pass2_merged(model, tok, task, items, categories, experts, cache, args):
@@ -247,19 +247,23 @@ def main(args):
     if not args.classify_only:
         if mixed:  # one z′ for every row: merge it once (zero overhead)
             with svf.merged(model, mixed[0], rescale=mixed[1]):
-                texts = pass2(model, tok, task, items, pred, {}, None, args)
+                records = pass2(model, tok, task, items, pred, {}, None, args)
         else:  # rows routed to different experts: the factored layers (attached above), one z per row
-            texts = pass2(model, tok, task, items, pred, experts, cache, args)
+            records = pass2(model, tok, task, items, pred, experts, cache, args)
         t2 = time.perf_counter()
-        correct = task.check(items, texts)
+        texts = [r["completion"] for r in records]
+        correct = [r["correct"] for r in records]
         k = sum(correct)
+        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
         summary.update(pass2_s=t2 - t1, ratio=(t1 - t0) / (t2 - t1), accuracy=k / max(len(items), 1),
-                       acc=fmt_acc(k, len(items)))
-        print(f"pass 2 | {t2 - t1:.1f} s | pass 1 / pass 2 = {summary['ratio']:.2f} | accuracy {summary['acc']}")
-        for row, text, ok in zip(rows, texts, correct):
-            row.update(completion=text, correct=ok)
+                       acc=fmt_acc(k, len(items)), answered=sum(r["extracted"] is not None for r in records),
+                       cut=sum(bool(r["cut"]) for r in records))
+        print(f"pass 2 | {t2 - t1:.1f} s | pass 1 / pass 2 = {summary['ratio']:.2f} | {format_counts(records)}")
+        for row, r in zip(rows, records):
+            row.update(completion=r["completion"], answered=r["extracted"] is not None, cut=r["cut"],
+                       correct=r["correct"])
         if args.compare_base:  # the same items, exact base weights, paired test
-            base = task.check(items, pass2(model, tok, task, items, pred, {}, None, args))
+            base = [r["correct"] for r in pass2(model, tok, task, items, pred, {}, None, args)]
             summary.update(base_acc=fmt_acc(sum(base), len(items)), mcnemar_p=mcnemar(correct, base))
             print(f"base   | accuracy {summary['base_acc']} | McNemar p = {summary['mcnemar_p']:.3g} (paired, n={len(items)})")
             for row, ok in zip(rows, base):

@@ -170,6 +170,10 @@ def test_two_gloo_ranks_equal_one_process(tiny_dir, tmp_path):
                 for name in ("cem", "base", "uniform")}
     for name, v in verdicts.items():
         assert summary[name]["n"] == len(v) == 8 and summary[name]["correct"] == sum(v), name
+        rows = [json.loads(line) for line in (tmp_path / "one" / f"{name}.jsonl").read_text().splitlines()]
+        # format apart from accuracy, per item and counted in the summary
+        assert all(isinstance(r["answered"], bool) and isinstance(r["cut"], bool) for r in rows), name
+        assert summary[name]["cut"] == sum(r["cut"] for r in rows) and summary[name]["answered"] == sum(r["answered"] for r in rows)
     for other in ("base", "uniform"):  # exact McNemar = two-sided binomial test on the discordant pairs (scipy)
         wins = sum(a and not b for a, b in zip(verdicts["cem"], verdicts[other]))
         losses = sum(b and not a for a, b in zip(verdicts["cem"], verdicts[other]))

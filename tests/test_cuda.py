@@ -144,8 +144,8 @@ def test_one_routed_dispatch_batch_on_gpu(gpu_tiny):
     task = get_task("gsm8k")
     items = task.load("test")[:len(cats)]
     args = Namespace(slots=len(cats), max_new_tokens=4)
-    texts = dispatch.pass2(model, tok, task, items, cats, by_cat, cache, args)
-    assert len(texts) == len(cats) and all(isinstance(t, str) for t in texts)
+    records = dispatch.pass2(model, tok, task, items, cats, by_cat, cache, args)
+    assert len(records) == len(cats) and all(isinstance(r["completion"], str) for r in records)
     ids = torch.randint(0, 49152, (len(cats), 16), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.no_grad():
         svf.set_z(model, None)

@@ -228,6 +228,10 @@ def test_cli_task_and_prompt_end_to_end(tiny_run):
     assert s["merged_pass2_s"] > 0 and s["merged_same"] == 3
     rows = [json.loads(line) for line in (tmp / "out" / "items.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and [r["category"] for r in rows] == [cls_task.extract(r["pass1"]) for r in rows]
+    # format apart from accuracy: answered = the task finds a final answer in the row's completion
+    gsm8k = get_task("gsm8k")
+    assert [r["answered"] for r in rows] == [gsm8k.extract(r["completion"]) is not None for r in rows]
+    assert s["answered"] == sum(r["answered"] for r in rows) and s["cut"] == sum(r["cut"] for r in rows)
     predicted = Counter(r["category"] for r in rows)  # the confusion's columns are the rows' categories
     assert [sum(row[j] for row in s["confusion"]) for j in range(len(CATEGORIES))] == [predicted[c] for c in CATEGORIES]
     assert (tmp / "out" / "confusion.png").stat().st_size > 0
