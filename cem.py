@@ -35,7 +35,7 @@ import torch.distributed as dist
 import cli
 import svf
 from evals import TASKS, get_task
-from evals.common import answer, fmt_acc, format_counts, mcnemar, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, format_tally, mcnemar, write_jsonl
 from evals.plots import plot_alpha
 from generate import Tokenizer, score
 from model import Transformer
@@ -230,8 +230,7 @@ def main(args):
         write_jsonl(out / f"{name}.jsonl", [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"],
                                              "correct": r["correct"]} for it, r in zip(rest, recs)])
         summary[name] = {"correct": sum(res[name]), "n": len(recs), "acc": fmt_acc(sum(res[name]), len(recs)),
-                         "answered": sum(r["extracted"] is not None for r in recs),
-                         "cut": sum(bool(r["cut"]) for r in recs)}
+                         **format_tally(recs)}
     summary["p_vs_base"] = mcnemar(res["cem"], res["base"])
     summary["p_vs_uniform"] = mcnemar(res["cem"], res["uniform"])
     for name in ("cem", "base", "uniform"):

@@ -39,7 +39,7 @@ import cli
 import svf
 from evals import get_task
 from evals.classify import CATEGORIES, cls_task, free_form
-from evals.common import answer, fmt_acc, format_counts, mcnemar, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, format_tally, mcnemar, write_jsonl
 from evals.plots import plot_confusion
 from generate import Tokenizer, generate
 from model import Transformer
@@ -256,8 +256,7 @@ def main(args):
         k = sum(correct)
         # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
         summary.update(pass2_s=t2 - t1, ratio=(t1 - t0) / (t2 - t1), accuracy=k / max(len(items), 1),
-                       acc=fmt_acc(k, len(items)), answered=sum(r["extracted"] is not None for r in records),
-                       cut=sum(bool(r["cut"]) for r in records))
+                       acc=fmt_acc(k, len(items)), **format_tally(records))
         print(f"pass 2 | {t2 - t1:.1f} s | pass 1 / pass 2 = {summary['ratio']:.2f} | {format_counts(records)}")
         for row, r in zip(rows, records):
             row.update(completion=r["completion"], answered=r["extracted"] is not None, cut=r["cut"],

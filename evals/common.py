@@ -216,15 +216,19 @@ def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temper
              "cut": cut, "correct": ok} for r, (ids, text, cut, ok) in enumerate(zip(g.ids, g.texts, g.cut, correct))]
 
 
+def format_tally(records) -> dict:
+    """{"answered": how many had a final answer found, "cut": how many hit the token cap}."""
+    return {"answered": sum(r["extracted"] is not None for r in records), "cut": sum(bool(r["cut"]) for r in records)}
+
+
 def format_counts(records) -> str:
     """answered (a final answer was found) / cut (hit the token cap) / right, so a change in accuracy
     can be told apart from a change in format: "right 41.2% [..] | answered 380/400 | cut 20/400"."""
     n = len(records)
     k = sum(bool(r["correct"]) for r in records)
-    answered = sum(r["extracted"] is not None for r in records)
-    cut = sum(bool(r["cut"]) for r in records)
+    tally = format_tally(records)
     fin = [r for r in records if not r["cut"]]
-    return (f"right {fmt_acc(k, n)} | answered {answered}/{n} | cut {cut}/{n} | "
+    return (f"right {fmt_acc(k, n)} | answered {tally['answered']}/{n} | cut {tally['cut']}/{n} | "
             f"right among finished {sum(bool(r['correct']) for r in fin)}/{len(fin)}")
 
 
