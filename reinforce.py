@@ -82,6 +82,9 @@ def get_args(argv=None):
                         "solutions, no rollouts (paper Table 4's 'next-token' rows)")
     g = p.add_argument_group("optimisation (defaults: paper, Table 6)")
     g.add_argument("--steps", type=int, default=100, help="number of updates")
+    g.add_argument("--minutes", type=float, default=None,
+                   help="wall-clock budget of the updates (validation excluded): no update starts once the updates "
+                        "so far took this long (paper Table 4's rows are compared at one budget; resume-safe)")
     g.add_argument("--batch-size", type=int, default=256, help="rollouts per update (global, all ranks)")
     g.add_argument("--micro-batch", type=int, default=8,
                    help="rollouts per forward/backward (memory knob; a question's samples stay together)")
@@ -112,7 +115,9 @@ def get_args(argv=None):
                         "fresh seeded order, the same for its --samples answers, so a preferred letter earns nothing "
                         "in expectation and only the content can (validation keeps the dataset's order)")
     g = p.add_argument_group("validation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=10, help="updates between validations (official: 10)")
+    g.add_argument("--eval-every", type=int, default=10,
+                   help="updates between validations (official: 10); 0 = none, not even at the start and the end "
+                        "(a run scored on the test split only; the expert is last.safetensors)")
     g.add_argument("--valid-limit", type=int, default=None, help="validate on the first N items only (CPU budget)")
     g.add_argument("--patience", type=int, default=5, help="stop after this many validations without improvement")
     g.add_argument("--seed", type=int, default=0)
@@ -446,6 +451,8 @@ def main(args):
                                              "baseline")}
     if args.shuffle_options:
         hparams.update(shuffle_options=True)
+    if args.minutes is not None:
+        hparams.update(minutes=args.minutes)
     if args.adapter != "svf" or args.objective != "rl":  # recorded when not the method's defaults
         hparams.update(adapter=args.adapter, objective=args.objective)
     if args.adapter == "lora":
@@ -486,7 +493,7 @@ def main(args):
     if rank == 0:
         print(f"task {args.task} | train {len(train)} | valid {len(valid)} | {len(theta)} matrices, "
               f"{sum(t.numel() for t in theta.values()):,} parameters | {ws} rank(s) | device {device}")
-    if st["step"] == 0 and not st["metrics"]:
+    if st["step"] == 0 and not st["metrics"] and args.eval_every:
         m = {"step": 0, **validate(0, model, tok, task, valid, theta, cache, args, vision)}
         keep(m, 0)
         st["metrics"].append(m)
@@ -496,11 +503,16 @@ def main(args):
 
     bar = tqdm(range(st["step"], args.steps), initial=st["step"], total=args.steps, desc="updates", disable=rank > 0)
     for step in bar:
+        spent = sum(m.get("seconds", 0.0) for m in st["metrics"])
+        if args.minutes is not None and spent >= 60 * args.minutes:
+            if rank == 0:
+                tqdm.write(f"budget spent: {step} updates took {spent / 60:.1f} min (--minutes {args.minutes:g})")
+            break
         if args.objective == "sft":
             m = sft_update(step, model, tok, task, train, theta, opt, sched, args)
         else:
             m = update(step, model, tok, task, train, theta, opt, sched, cache, args, vision)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             m.update(validate(step + 1, model, tok, task, valid, theta, cache, args, vision))
             keep(m, step + 1)
         st["step"] = step + 1
@@ -525,7 +537,10 @@ def main(args):
         steps = [m["step"] for m in st["metrics"] if "valid_acc" in m]
         if len(steps) > 1 and (out / f"valid-step{steps[-1]}.jsonl").exists() and (out / "valid-step0.jsonl").exists():
             print(base_vs_expert(out, 0, steps[-1]))
-        print(f"best valid accuracy {st['best']:.1%} -> {out / 'best.safetensors'}")
+        if steps:
+            print(f"best valid accuracy {st['best']:.1%} -> {out / 'best.safetensors'}")
+        print(f"{st['step']} updates in {sum(m.get('seconds', 0.0) for m in st['metrics']) / 60:.1f} min "
+              f"-> {out / 'last.safetensors'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return st

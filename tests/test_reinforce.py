@@ -299,6 +299,22 @@ def test_sft_objective_lowers_the_reference_nll(tiny_dir, tmp_path):
     assert all(m["tokens"] == want for m in st["metrics"] if "tokens" in m)
 
 
+def test_minutes_budget_and_no_validation(tiny_dir, tmp_path):
+    """--minutes: no update starts once the updates so far took the budget (here: any time at all, so
+    exactly one update runs); --eval-every 0: no validation at any step, the expert is last.safetensors;
+    resuming with the budget spent adds no update."""
+    out = tmp_path / "budget"
+    argv = tiny_args(tiny_dir, out, steps=5, eval_every=0, minutes=1e-9, objective="sft", train_limit=2,
+                     batch_size=2)
+    st = reinforce.main(reinforce.get_args(argv))
+    assert st["step"] == 1 and [m["step"] for m in st["metrics"]] == [1]
+    assert not any("valid_acc" in m for m in st["metrics"])
+    assert not list(out.glob("valid-step*.jsonl")) and not (out / "best.safetensors").exists()
+    assert (out / "last.safetensors").exists()
+    st = reinforce.main(reinforce.get_args(argv + ["--resume"]))
+    assert st["step"] == 1
+
+
 # Run as a script (`python tests/test_reinforce.py ARGS`), this file is reinforce.py's CLI with the
 # parity task registered (the 2-rank tests need it in every rank). The engine seeds each question's
 # samples by its index in the update, not by the rank, so 1 process and 2 ranks draw the same answers.
