@@ -164,6 +164,16 @@ class Adapter:
             raise ValueError(f"{self.source}: adapter does not fit this model: {bad[0]} ({len(bad)} mismatches)")
 
 
+def is_adapter_file(path):
+    """True when `path` is a LoRA adapter file (metadata kind "lora"): lets a tool's --expert take an
+    SVF expert or a LoRA adapter. Missing or unreadable: False, and the SVF loader says what is wrong."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return (f.metadata() or {}).get("kind") == "lora"
+    except Exception:
+        return False
+
+
 @contextmanager
 def merged(model, adapter_or_params, scale=None):
     """Inside the block the target weights hold W + scale·B·A (attached LoRA paths are paused);

@@ -1,7 +1,8 @@
-"""Evaluate a model (optionally with an SVF expert) on one task, score a file, or compare runs.
+"""Evaluate a model (optionally with an SVF expert or a LoRA adapter) on one task, score a file, or compare runs.
 
     python -m evals --task gsm8k --model checkpoints/smollm2-135m-instruct --limit 100 --out runs/gsm8k.jsonl
     python -m evals --task mbpp --model DIR --expert runs/mbpp/best.safetensors --split test
+    python -m evals --task gsm8k --model DIR --expert runs/lora-sft/last.safetensors --split test  # LoRA
     python -m evals --task humaneval --score samples.jsonl --out results.jsonl   # no model needed
     python -m evals --compare runs/base.jsonl runs/expert.jsonl                  # paired McNemar test
 
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     ap.add_argument("--official-extract", action="store_true",
                     help="the official code's extraction quirks (GSM8K digit regex, ARC random guess)")
     # generation
-    ap.add_argument("--expert", default=None, help="SVF expert file (z vectors) applied during generation")
+    ap.add_argument("--expert", default=None, help="SVF expert file (z vectors), or a LoRA adapter file (lora.py), applied during generation")
     ap.add_argument("--slots", type=int, default=64,
                     help="sequences decoded together (continuous batching; 64 is the CPU throughput knee, docs/RESULTS.md)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
@@ -78,9 +79,10 @@ def generate_all(args, task, items):
         if task.images:
             raise ValueError(f"{args.model}: task {task.name} needs a LLaVA checkpoint, this is a text model")
     ctx = contextlib.nullcontext()
-    if args.expert:
-        import svf  # only needed with an expert
-        ctx = svf.merged(model, args.expert)
+    if args.expert:  # an SVF expert, or a LoRA adapter (paper Table 4's baseline): merged alike
+        import lora
+        import svf
+        ctx = (lora.merged if lora.is_adapter_file(args.expert) else svf.merged)(model, args.expert)
     with ctx:
         return answer(model, tok, task, items, temperature=args.temperature, seed=args.seed,
                       max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed,

@@ -440,3 +440,36 @@ def test_cli_expert_matches_transformers_with_adapted_weights(tiny_dir, tmp_path
         out = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
         assert row["completion"] == tok.decode(out, skip_special_tokens=True), row["id"]
     assert [r["completion"] for r in rows] != [r["completion"] for r in base]  # the expert really acts
+
+
+def test_cli_expert_takes_a_lora_adapter_matching_transformers(tiny_dir, tmp_path):
+    """`python -m evals --expert A` with a LoRA adapter file (paper Table 4's baseline rows) answers as
+    a transformers model whose q and v weights were replaced by hand with W + (α/r)·B·A."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    import lora
+    from model import Transformer
+
+    model = Transformer.from_pretrained(tiny_dir)
+    names = lora.target_names(model, "qv")
+    params = lora.init_params(model, names, rank=4, seed=0)
+    g = torch.Generator().manual_seed(1)
+    params = {n: (t if n.endswith("lora_A") else 0.5 * torch.randn(t.shape, generator=g)) for n, t in params.items()}
+    lora.Adapter.new(params, model, alpha=8.0, targets="qv", task="gsm8k").save(tmp_path / "a.safetensors")
+    assert lora.is_adapter_file(tmp_path / "a.safetensors") and not lora.is_adapter_file(tmp_path / "none")
+    common = ["--task", "gsm8k", "--model", str(tiny_dir), "--limit", "3", "--max-new-tokens", "8", "--slots", "2"]
+    base = main(parse_args(common))
+    rows = main(parse_args([*common, "--expert", str(tmp_path / "a.safetensors")]))
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name in names:
+            A, B = params[name.removesuffix(".weight") + ".lora_A"], params[name.removesuffix(".weight") + ".lora_B"]
+            hf.get_parameter(name).add_((8.0 / 4) * B @ A)
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    for row in rows:
+        ids = tok(row["prompt"], return_tensors="pt", add_special_tokens=False).input_ids
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
+        assert row["completion"] == tok.decode(out, skip_special_tokens=True), row["id"]
+    assert [r["completion"] for r in rows] != [r["completion"] for r in base]  # the adapter really acts
