@@ -36,20 +36,10 @@ from safetensors.torch import save_file
 
 import svd_cache
 
-# Target names: svd_cache's kinds (mlp, attn, all), "qv" (the paper's LoRA), or projections "q,v,gate".
-SHORT = {k.split(".")[1].removesuffix("_proj"): k for k in svd_cache.KINDS["all"]}  # q -> self_attn.q_proj
-KINDS = {**svd_cache.KINDS, "qv": ["self_attn.q_proj", "self_attn.v_proj"], **{s: [k] for s, k in SHORT.items()}}
-
-
 def target_names(model, targets="qv", layers=None):
-    """Weight names to adapt, in model order: targets "qv", "mlp", "qv,mlp", "q,k,v,o", ..."""
-    bad = [t for t in targets.split(",") if t not in KINDS]
-    if bad:
-        raise ValueError(f"unknown LoRA target {bad[0]!r} (known: {', '.join(KINDS)})")
-    kinds = {k for t in targets.split(",") for k in KINDS[t]}
-    L = model.config.num_hidden_layers
-    return [f"model.layers.{i}.{k}.weight" for i in svd_cache.parse_layers(layers, L)
-            for k in svd_cache.KINDS["all"] if k in kinds]
+    """Weight names to adapt, in model order: targets "qv" (the paper's LoRA), "mlp", "qv,mlp", "q,k,v,o", ...
+    (the same names as SVF's, svd_cache.target_names)."""
+    return svd_cache.target_names(model, targets, layers)
 
 
 def count(model, names, rank):

@@ -69,7 +69,7 @@ def get_args(argv=None):
     g.add_argument("--task", required=True, help=f"training task: {', '.join(TASKS)}")
     g.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout model folder")
     g.add_argument("--out", required=True, help="run directory (experts, metrics, checkpoint)")
-    g.add_argument("--targets", default="mlp", choices=sorted(svd_cache.KINDS), help=svd_cache.TARGETS_HELP)
+    g.add_argument("--targets", default="mlp", type=svd_cache.targets_type, help=svd_cache.TARGETS_HELP)
     g.add_argument("--layers", default=None,
                    help="layer subset: 'half' (every other), 'top' (upper half) or comma-separated indices (default: all)")
     g.add_argument("--parametrization", default="sigmoid", choices=["sigmoid", "raw"], help="z = sigmoid(θ) (official) or z = θ")

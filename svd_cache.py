@@ -39,7 +39,9 @@ KINDS["all"] = KINDS["attn"] + KINDS["mlp"]  # module order inside a block
 # The paper's attention ablation (Table 4: 0.16M parameters on Llama-3-8B = 32 × (4096 + 1024)) adapts
 # q and v only; "attn" (q, k, v, o) is ours.
 KINDS["qv"] = ["self_attn.q_proj", "self_attn.v_proj"]
-TARGETS_HELP = "matrices SVF adapts: mlp (paper default), qv (the paper's attention ablation), attn (q,k,v,o: ours), all"
+KINDS.update({k.split(".")[1].removesuffix("_proj"): [k] for k in KINDS["all"]})  # one projection: q, gate, ...
+TARGETS_HELP = ("matrices adapted: mlp (paper default), qv (the paper's attention ablation), attn (q,k,v,o: ours), all, "
+                "one projection (q, k, v, o, gate, up, down), or a comma list: qv,mlp (paper Table 4's MLP + attention)")
 
 
 def parse_layers(layers, n_layers):
@@ -63,12 +65,29 @@ def parse_layers(layers, n_layers):
     return sorted(set(layers))
 
 
+def parse_targets(targets):
+    """"mlp", "qv", "qv,mlp", "q,k,v,o" ... -> module names, in the order they sit in a block."""
+    bad = [t for t in targets.split(",") if t not in KINDS]
+    if bad:
+        raise ValueError(f"unknown target {bad[0]!r} in {targets!r} (known: {', '.join(KINDS)}, or a comma list)")
+    kinds = {k for t in targets.split(",") for k in KINDS[t]}
+    return [k for k in KINDS["all"] if k in kinds]
+
+
+def targets_type(value):
+    """argparse type of --targets: a bad value is a usage error that lists the known names."""
+    try:
+        parse_targets(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def target_names(model, targets="mlp", layers=None):
     """Parameter names of the adapted matrices, in model order, e.g. model.layers.0.mlp.gate_proj.weight."""
-    if targets not in KINDS:
-        raise ValueError(f"targets must be one of {sorted(KINDS)}, got {targets!r}")
+    kinds = parse_targets(targets)
     L = model.config.num_hidden_layers
-    return [f"model.layers.{i}.{k}.weight" for i in parse_layers(layers, L) for k in KINDS[targets]]
+    return [f"model.layers.{i}.{k}.weight" for i in parse_layers(layers, L) for k in kinds]
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +218,7 @@ def load(model, targets="mlp", layers=None, root=None, device=None, names=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout folder")
-    p.add_argument("--targets", default="mlp", choices=sorted(KINDS), help=TARGETS_HELP)
+    p.add_argument("--targets", default="mlp", type=targets_type, help=TARGETS_HELP)
     p.add_argument("--layers", default=None, help='"half", or comma-separated indices (default: all)')
     p.add_argument("--root", default=None, help="cache root (default $T2_CACHE or ~/.cache/transformer2)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

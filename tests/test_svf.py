@@ -78,6 +78,16 @@ def test_target_names_and_layers():
     assert {n.split(".")[2] for n in svd_cache.target_names(model, "mlp", "half")} == {"0", "2"}
     with pytest.raises(ValueError, match="out of range"):
         svd_cache.target_names(model, "mlp", [7])
+    # paper Table 4's "MLP + attention" row: a comma list, in block order whatever order it is written in
+    assert svd_cache.target_names(model, "mlp,qv", [2]) == [f"model.layers.2.{k}.weight" for k in (
+        "self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert svd_cache.target_names(model, "qv,mlp") == svd_cache.target_names(model, "mlp,qv")
+
+
+def test_bad_targets_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        svd_cache.main(["--model", "x", "--targets", "qv,attention"])
+    assert e.value.code == 2 and "unknown target 'attention'" in capsys.readouterr().err
 
 
 class Killed(Exception):
