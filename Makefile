@@ -14,7 +14,7 @@ CKPT_smollm2-135m        := checkpoints/smollm2-135m-instruct
 CKPT_qwen2.5-coder-0.5b  := checkpoints/qwen2.5-coder-0.5b-instruct
 CKPT := $(CKPT_$(MODEL))
 
-.PHONY: setup model test bench bench-svf bench-train train cem dispatch unseen clean-venv
+.PHONY: setup model test bench bench-svf bench-train train ablation cem dispatch unseen clean-venv
 
 setup: .venv/.done
 
@@ -86,6 +86,31 @@ RECIPE_cls   := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --
 train: setup
 	$(MAKE) --no-print-directory model MODEL=$(TM)
 	$(PY) reinforce.py --task $(TASK) --model $(CKPT_$(TM)) --out runs/$(TASK)-$(TM) $(RECIPE_$(TASK)) $(ARGS)
+
+# ablation: paper Table 4 on GSM8K, one row per ROW (docs/RESULTS.md): trained from the experts' base model
+# for the budget of the SVF + RL + MLP row (recipe 4: 53 min of updates; no validation, the adapter is
+# last.safetensors), then scored on the test split's first 400 (greedy, ≤ 256 tokens, as the math
+# expert was). ROW=svf-rl-mlp retrains the shipped math expert's recipe. The rows' table, with paired
+# tests against the base model and against svf-rl-mlp: tools/table4.py (RESULTS gives the command).
+#   make ablation ROW=lora-sft-qv
+ROW ?= lora-sft-qv
+ROWS := svf-rl-mlp svf-rl-qv svf-rl-qvmlp svf-sft-mlp lora-sft-qv lora-rl-qv
+ABL_MINUTES := 53
+SFT := --objective sft --optimizer adam --batch-size 16 --micro-batch 8
+ABL_svf-rl-mlp   := $(RECIPE_gsm8k)
+ABL_svf-rl-qv    := $(RECIPE_gsm8k) --targets qv
+ABL_svf-rl-qvmlp := $(RECIPE_gsm8k) --targets qv,mlp
+ABL_svf-sft-mlp  := $(SFT) --lr 1e-2
+ABL_lora-sft-qv  := $(SFT) --adapter lora --targets qv --lr 5e-4
+ABL_lora-rl-qv   := $(RECIPE_gsm8k) --adapter lora --targets qv --lr 5e-4
+ABL_EVAL = --task gsm8k --model $(CKPT_$(EXPERT_MODEL)) --split test --limit 400 --max-new-tokens 256
+ablation: setup
+	@test -n "$(filter $(ROW),$(ROWS))" || { echo "unknown ROW=$(ROW) (known: $(ROWS))"; exit 2; }
+	$(MAKE) --no-print-directory model MODEL=$(EXPERT_MODEL)
+	$(PY) reinforce.py --task gsm8k --model $(CKPT_$(EXPERT_MODEL)) --out runs/table4/$(ROW) $(ABL_$(ROW)) \
+	    --steps 1000 --minutes $(ABL_MINUTES) --eval-every 0 $(ARGS)
+	$(PY) -m evals $(ABL_EVAL) --expert runs/table4/$(ROW)/last.safetensors --out runs/table4/test400-$(ROW).jsonl
+	test -f runs/table4/test400-base.jsonl || $(PY) -m evals $(ABL_EVAL) --out runs/table4/test400-base.jsonl
 
 # cem / dispatch: the model the experts were trained on (MODEL=... overrides) and expert files named
 # explicitly; nothing is discovered under runs/. Default: the shipped experts of that model,
