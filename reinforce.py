@@ -57,7 +57,7 @@ import svf
 import vlm
 from evals import get_task, TASKS
 from evals.arc import ARC, shuffle_options
-from evals.common import answer, fmt_acc, mcnemar, paired, render_prompt, wilson, write_jsonl
+from evals.common import answer, discordant, fmt_acc, mcnemar, paired, render_prompt, wilson, write_jsonl
 from evals.plots import plot_curve
 from generate import Tokenizer, completion_hidden
 from model import Transformer
@@ -412,9 +412,10 @@ def validate(step, model, tok, task, valid, theta, cache, args, vision=None):
 def base_vs_expert(out, first, last):
     """The validation verdicts of step `first` (initial z ≈ base model) against step `last`, paired."""
     xs, ys = paired(out / f"valid-step{first}.jsonl", out / f"valid-step{last}.jsonl")
+    only_first, only_last = discordant(xs, ys)
     return (f"valid step {first} {fmt_acc(sum(xs), len(xs))} -> step {last} {fmt_acc(sum(ys), len(ys))} | "
-            f"only step {first} right {sum(x and not y for x, y in zip(xs, ys))}, only step {last} right "
-            f"{sum(y and not x for x, y in zip(xs, ys))} | McNemar exact p = {mcnemar(xs, ys):.3g}")
+            f"only step {first} right {only_first}, only step {last} right {only_last} | "
+            f"McNemar exact p = {mcnemar(xs, ys):.3g}")
 
 
 # -----------------------------------------------------------------------------
@@ -501,12 +502,14 @@ def main(args):
             print(f"step 0 | valid {m['valid']} | cut {m['valid_cut']:.0%} (initial z: ≈ the base model)")
         checkpoint()
 
+    def minutes_spent():  # the updates' own time (validation excluded), kept in the metrics: resume-safe
+        return sum(m.get("seconds", 0.0) for m in st["metrics"]) / 60
+
     bar = tqdm(range(st["step"], args.steps), initial=st["step"], total=args.steps, desc="updates", disable=rank > 0)
     for step in bar:
-        spent = sum(m.get("seconds", 0.0) for m in st["metrics"])
-        if args.minutes is not None and spent >= 60 * args.minutes:
+        if args.minutes is not None and minutes_spent() >= args.minutes:
             if rank == 0:
-                tqdm.write(f"budget spent: {step} updates took {spent / 60:.1f} min (--minutes {args.minutes:g})")
+                tqdm.write(f"budget spent: {step} updates took {minutes_spent():.1f} min (--minutes {args.minutes:g})")
             break
         if args.objective == "sft":
             m = sft_update(step, model, tok, task, train, theta, opt, sched, args)
@@ -539,7 +542,7 @@ def main(args):
             print(base_vs_expert(out, 0, steps[-1]))
         if steps:
             print(f"best valid accuracy {st['best']:.1%} -> {out / 'best.safetensors'}")
-        print(f"{st['step']} updates in {sum(m.get('seconds', 0.0) for m in st['metrics']) / 60:.1f} min "
+        print(f"{st['step']} updates in {minutes_spent():.1f} min "
               f"-> {out / 'last.safetensors'}")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -20,7 +20,7 @@ import time
 
 import cli
 from evals import get_task
-from evals.common import answer, fmt_acc, format_counts, mcnemar, paired, read_jsonl, render_prompt, write_jsonl
+from evals.common import answer, discordant, fmt_acc, format_counts, mcnemar, paired, read_jsonl, render_prompt, write_jsonl
 
 
 def parse_args(argv=None):
@@ -128,8 +128,7 @@ def compare(path_a, path_b):
     """Paired exact McNemar test on the ids both files contain (first occurrence of each id)."""
     xs, ys = paired(path_a, path_b)
     p = mcnemar(xs, ys)
-    only_a = sum(x and not y for x, y in zip(xs, ys))
-    only_b = sum(y and not x for x, y in zip(xs, ys))
+    only_a, only_b = discordant(xs, ys)
     print(f"A {fmt_acc(sum(xs), len(xs))} | B {fmt_acc(sum(ys), len(ys))} | "
           f"only A right {only_a}, only B right {only_b} | McNemar exact p = {p:.4g}")
     return p

@@ -244,12 +244,16 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def discordant(a: list[bool], b: list[bool]) -> tuple[int, int]:
+    """(only a right, only b right): the pairs of outcomes a McNemar test counts."""
+    assert len(a) == len(b), "paired outcomes need equal length"
+    return sum(1 for x, y in zip(a, b) if x and not y), sum(1 for x, y in zip(a, b) if y and not x)
+
+
 def mcnemar(a: list[bool], b: list[bool]) -> float:
     """Exact two-sided McNemar p-value of paired outcomes: only the discordant pairs count, and
     under H0 each is equally likely to favour a or b, so their split is Binomial(n, 1/2)."""
-    assert len(a) == len(b), "paired outcomes need equal length"
-    n01 = sum(1 for x, y in zip(a, b) if x and not y)
-    n10 = sum(1 for x, y in zip(a, b) if y and not x)
+    n01, n10 = discordant(a, b)
     n, k = n01 + n10, min(n01, n10)
     if n == 0:
         return 1.0
@@ -260,6 +264,12 @@ def mcnemar(a: list[bool], b: list[bool]) -> float:
 def fmt_acc(k: int, n: int) -> str:
     lo, hi = wilson(k, n)
     return f"{100 * k / max(n, 1):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={n})"
+
+
+def fmt_paired(a: list[bool], b: list[bool]) -> str:
+    """A table cell for a against b on the same items: "wins–losses, p = McNemar exact p"."""
+    wins, losses = discordant(a, b)
+    return f"{wins}–{losses}, p = {mcnemar(a, b):.2g}"
 
 
 def extract_code(completion: str) -> str | None:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evals.common import fmt_acc, mcnemar, read_correct  # noqa: E402
+from evals.common import fmt_acc, fmt_paired, read_correct  # noqa: E402
 
 
 def load(path):
@@ -54,9 +54,7 @@ def main(argv=None):
                 cells.append("—")
                 continue
             other = [runs[ref][0][i] for i in ids]
-            wins = sum(a and not b for a, b in zip(got, other))
-            losses = sum(b and not a for a, b in zip(got, other))
-            cells.append(f"{wins}–{losses}, p = {mcnemar(got, other):.2g}")
+            cells.append(fmt_paired(got, other))
         if summary and "pass2_s" in summary:
             times = f"{summary['pass1_s']:.0f} s / {summary['pass2_s']:.0f} s = {summary['ratio']:.2f}"
             if "merged_pass2_s" in summary:  # dispatch.py --time-merged: pass 2 merged per category group

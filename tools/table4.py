@@ -20,7 +20,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evals.common import fmt_acc, mcnemar, read_jsonl  # noqa: E402
+from evals.common import fmt_acc, fmt_paired, read_jsonl  # noqa: E402
 
 
 def adapter_info(path):
@@ -73,9 +73,7 @@ def main(argv=None):
                 cells.append("—")
                 continue
             other = [bool(rows[ref][0][i]["correct"]) for i in ids]
-            wins = sum(a and not b for a, b in zip(got, other))
-            losses = sum(b and not a for a, b in zip(got, other))
-            cells.append(f"{wins}–{losses}, p = {mcnemar(got, other):.2g}")
+            cells.append(fmt_paired(got, other))
         print("| " + " | ".join(cells) + " |")
 
 
