@@ -14,6 +14,9 @@ new task, find α so that the mixed vector z′ = Σ_k α_k·z_k answers the sho
 carries its member's z (svf.set_z with (B, r) vectors), so 32 members × 10 shots are one
 generation call instead of 32. The best α is then reported on the remaining N − shots items
 against the base model and uniform α (paired McNemar tests), and saved as JSON + an expert file.
+A killed run resumes when rerun with the same command: the search is saved to OUT/search.pt after
+every generation and each report row to OUT/{cem,base,uniform}.jsonl as it finishes (a search.pt
+made with other settings is refused; a larger --generations continues the search).
 
 The Σσ rescale follows the experts' own flag (metadata "rescale"; svf.load_experts refuses a set
 that mixes flags), in the search and in the report, as dispatch.py does.
@@ -26,6 +29,7 @@ that mixes flags), in the search and in the report, as dispatch.py does.
 """
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -35,7 +39,7 @@ import torch.distributed as dist
 import cli
 import svf
 from evals import TASKS, get_task
-from evals.common import answer, fmt_acc, format_counts, format_tally, mcnemar, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, format_tally, mcnemar, read_jsonl, write_jsonl
 from evals.plots import plot_alpha
 from generate import Tokenizer, score
 from model import Transformer
@@ -129,14 +133,28 @@ def rank_key(acc, ll):
     return sorted(range(len(acc)), key=lambda i: (float(acc[i]), float(ll[i])), reverse=True)
 
 
-def cem(fitness, shape, args, log=print):
-    """Cross-entropy method over α of `shape`; `fitness(alphas (P, *shape)) -> (acc, ll)`."""
+def cem(fitness, shape, args, log=print, state=None, config=None):
+    """Cross-entropy method over α of `shape`; `fitness(alphas (P, *shape)) -> (acc, ll)`.
+
+    state: a file the search is saved to after every generation (atomically) and resumed from, so a
+    killed run loses at most one generation; `config` (what the search depends on) must match the
+    file's, or the file belongs to another search and is refused. Raising --generations continues it.
+    """
     g = torch.Generator().manual_seed(args.seed)
     mean = torch.full(shape, 1.0 / shape[0])
     std = torch.full(shape, args.init_std)
     best, best_fit = mean.clone(), (-1.0, float("-inf"))
     history = []
-    for gen in range(args.generations):
+    if state is not None and Path(state).exists():
+        s = torch.load(state, weights_only=True)
+        if s["config"] != config:
+            diff = sorted(k for k in set(s["config"]) | set(config) if s["config"].get(k) != config.get(k))
+            raise ValueError(f"{state}: a search with other settings ({', '.join(diff)} differ); "
+                             f"remove it or pick another --out")
+        mean, std, best, best_fit, history = s["mean"], s["std"], s["best"], tuple(s["best_fit"]), s["history"]
+        g.set_state(s["rng"])
+        log(f"resuming the search from {state}: {len(history)} generations done")
+    for gen in range(len(history), args.generations):
         t0 = time.time()
         pop = (mean + std * torch.randn((args.population, *shape), generator=g)).clamp(0, 1)
         pop[0] = best  # the incumbent is re-evaluated every generation
@@ -151,7 +169,19 @@ def cem(fitness, shape, args, log=print):
                         "mean_acc": float(acc.mean()), "seconds": time.time() - t0})
         log(f"gen {gen} | best {best_fit[0]:.1%} (ll {best_fit[1]:.3f}) | population mean {float(acc.mean()):.1%} "
             f"| {history[-1]['seconds']:.1f} s")
+        if state is not None and cli.world()[0] == 0:
+            save_atomic({"config": config, "mean": mean, "std": std, "best": best, "best_fit": list(best_fit),
+                         "history": history, "rng": g.get_state()}, state)
     return best, history
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: the file is whole or absent (a kill loses nothing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -203,11 +233,20 @@ def main(args):
     if args.bench:
         return bench(model, tok, task, shots, experts, shape, args)
     log(f"task {args.task} | {K} experts {names} | α {tuple(shape)} | {len(shots)} shots, {len(rest)} to report")
-    alpha, history = cem(fitness, shape, args, log)
+    out = Path(args.out or f"runs/cem-{args.task}")
+    # what the search depends on: a saved search.pt with other values is another search
+    config = {"task": args.task, "split": args.split, "model": str(args.model), "experts": list(args.experts),
+              "shots": [json.dumps(it["id"]) for it in shots], "shape": list(shape), "population": args.population,
+              "elites": args.elites, "init_std": args.init_std, "normalize": args.normalize, "mode": args.mode,
+              "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+    resumed = (out / "search.pt").exists()  # else files already in `out` are an older run's, not reused
+    alpha, history = cem(fitness, shape, args, log, state=out / "search.pt", config=config)
     if rank > 0:
         return None
-    out = Path(args.out or f"runs/cem-{args.task}")
     out.mkdir(parents=True, exist_ok=True)
+    old = out / "alpha.json"  # report rows of an earlier, shorter search are stale (resumed with more --generations)
+    if old.exists() and json.loads(old.read_text()).get("alpha") != alpha.tolist():
+        (out / "cem.jsonl").unlink(missing_ok=True)
     log("α per expert: " + ", ".join(f"{n} {float(a):.3f}" for n, a in zip(names, alpha if alpha.dim() == 1 else alpha.mean(1))))
     # the adapted expert, stored as raw z (a mix of sigmoid z's may leave (0, 1) when α is not normalised)
     zs = svf.mix(experts, alpha, args.mode)
@@ -219,16 +258,23 @@ def main(args):
                                                 "task": args.task, "split": args.split,
                                                 "shots": [it["id"] for it in shots], "history": history}, indent=1))
     plot_alpha(out / "alpha.png", alpha, names)
-    # report on the items CEM never saw: adapted vs base vs uniform α
+    # report on the items CEM never saw: adapted vs base vs uniform α, one per-item file each (for paired
+    # tests against other runs, python -m evals --compare), written as it finishes: a resumed run reuses it
     uniform = svf.mix(experts, torch.full(shape, 1.0 / K), args.mode)
-    records = {name: answer_all(model, tok, task, rest, zs_, args)
-               for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]}
+    records = {}
+    for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]:
+        path = out / f"{name}.jsonl"
+        if resumed and path.exists() and [r["id"] for r in read_jsonl(path)] == [it["id"] for it in rest]:
+            log(f"{name:8s} reusing {path}")
+            records[name] = read_jsonl(path)
+            continue
+        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
+        records[name] = [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"], "correct": r["correct"]}
+                         for it, r in zip(rest, answer_all(model, tok, task, rest, zs_, args))]
+        write_jsonl(path, records[name])
     res = {name: [r["correct"] for r in recs] for name, recs in records.items()}
     summary = {}
-    for name, recs in records.items():  # per item, for paired tests against other runs (python -m evals --compare)
-        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
-        write_jsonl(out / f"{name}.jsonl", [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"],
-                                             "correct": r["correct"]} for it, r in zip(rest, recs)])
+    for name, recs in records.items():
         summary[name] = {"correct": sum(res[name]), "n": len(recs), "acc": fmt_acc(sum(res[name]), len(recs)),
                          **format_tally(recs)}
     summary["p_vs_base"] = mcnemar(res["cem"], res["base"])

@@ -39,7 +39,7 @@ import cli
 import svf
 from evals import get_task
 from evals.classify import CATEGORIES, cls_task, free_form
-from evals.common import answer, fmt_acc, format_counts, format_tally, mcnemar, write_jsonl
+from evals.common import answer, fmt_acc, format_counts, format_tally, mcnemar, read_jsonl, write_jsonl
 from evals.plots import plot_confusion
 from generate import Tokenizer, generate
 from model import Transformer
@@ -74,7 +74,8 @@ def get_args(argv=None):
     g.add_argument("--time-merged", action="store_true",
                    help="also run pass 2 the official way (merge each category's expert, answer its group) and "
                         "report its time against the one routed batch")
-    g.add_argument("--out", default=None, help="folder: items.jsonl, summary.json, confusion.png")
+    g.add_argument("--out", default=None, help="folder: items.jsonl, summary.json, confusion.png; passes 1 and 2 "
+                   "are saved first (passes.json), so rerunning a killed command skips them")
     g.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     cli.add_device_args(p)
     args = p.parse_args(argv)
@@ -177,6 +178,59 @@ def pass2_merged(model, tok, task, items, categories, experts, cache, args):
     return texts
 
 
+def passes(model, tok, task, items, true, experts, cache, cls_expert, mixed, pass1, args):
+    """Pass 1 (a category per item, batched) and pass 2 (answers in routed batches) over a task's items:
+    the summary (dispatch accuracy, confusion, times, accuracy) and one row per item."""
+    t0 = time.perf_counter()
+    if mixed:  # few-shot: α was searched offline by cem.py; pass 1 here is only the mixing
+        pred, raw = ["mixed"] * len(items), [""] * len(items)
+    else:
+        pred, raw = classify(model, tok, [task.messages(it)[-1]["content"] for it in items], cls_expert, args.slots, pass1)
+    t1 = time.perf_counter()
+    matrix = confusion([true] * len(items), pred)
+    k_dispatch = sum(p == true for p in pred)
+    summary = {"task": task.name, "strategy": args.strategy, "n": len(items), "model": args.model,
+               "experts": {c: e.source for c, e in experts.items()}, "pass1_s": t1 - t0,
+               "categories": list(CATEGORIES), "confusion": matrix,
+               "dispatch_acc": k_dispatch / max(len(items), 1), "dispatch": fmt_acc(k_dispatch, len(items))}
+    print(f"pass 1 | {args.strategy} | {t1 - t0:.1f} s | " + ("one z′ for all (cem.py's α)" if mixed else
+          f"dispatch accuracy {summary['dispatch']} (true: {true})"))
+    print("confusion (rows true, cols predicted)\n" + f"{'':>10}" + "".join(f"{c:>10}" for c in CATEGORIES))
+    print("\n".join(f"{a:>10}" + "".join(f"{v:>10}" for v in row) for a, row in zip(CATEGORIES, matrix)))
+    rows = [{"id": it["id"], "category": p, "pass1": r} for it, p, r in zip(items, pred, raw)]
+    if args.classify_only:
+        return summary, rows
+    if mixed:  # one z′ for every row: merge it once (zero overhead)
+        with svf.merged(model, mixed[0], rescale=mixed[1]):
+            records = pass2(model, tok, task, items, pred, {}, None, args)
+    else:  # rows routed to different experts: the factored layers (attached above), one z per row
+        records = pass2(model, tok, task, items, pred, experts, cache, args)
+    t2 = time.perf_counter()
+    correct = [r["correct"] for r in records]
+    k = sum(correct)
+    # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
+    summary.update(pass2_s=t2 - t1, ratio=(t1 - t0) / (t2 - t1), accuracy=k / max(len(items), 1),
+                   acc=fmt_acc(k, len(items)), **format_tally(records))
+    print(f"pass 2 | {t2 - t1:.1f} s | pass 1 / pass 2 = {summary['ratio']:.2f} | {format_counts(records)}")
+    for row, r in zip(rows, records):
+        row.update(completion=r["completion"], answered=r["extracted"] is not None, cut=r["cut"],
+                   correct=r["correct"])
+    if args.compare_base:  # the same items, exact base weights, paired test
+        base = [r["correct"] for r in pass2(model, tok, task, items, pred, {}, None, args)]
+        summary.update(base_acc=fmt_acc(sum(base), len(items)), mcnemar_p=mcnemar(correct, base))
+        print(f"base   | accuracy {summary['base_acc']} | McNemar p = {summary['mcnemar_p']:.3g} (paired, n={len(items)})")
+        for row, ok in zip(rows, base):
+            row["base_correct"] = ok
+    return summary, rows
+
+
+def write_json(path, obj):
+    """JSON written to a temporary file and renamed: the file is whole or absent."""
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def confusion(true, pred):
     return [[sum(1 for t, p in zip(true, pred) if (t, p) == (a, b)) for b in CATEGORIES] for a in CATEGORIES]
 
@@ -226,59 +280,35 @@ def main(args):
         print(f"fewshot: α from {args.alpha}; its {len(shots)} shots are left out")
     items = items[:args.limit]
     true = TRUE_CATEGORY.get(task.name, "other")
-    t0 = time.perf_counter()
-    if mixed:  # few-shot: α was searched offline by cem.py; pass 1 here is only the mixing
-        pred, raw = ["mixed"] * len(items), [""] * len(items)
+    out = Path(args.out) if args.out else None
+    # what passes 1 and 2 depend on: a rerun into the same --out with the same settings reuses them
+    run = {"task": task.name, "split": args.split, "ids": [json.dumps(it["id"]) for it in items],
+           "strategy": args.strategy, "model": str(args.model), "experts": {c: e.source for c, e in experts.items()},
+           "cls_expert": args.cls_expert, "alpha": args.alpha, "free_form": args.free_form,
+           "max_new_tokens": args.max_new_tokens, "classify_only": args.classify_only, "compare_base": args.compare_base}
+    done = out / "passes.json" if out else None
+    if done is not None and done.exists() and json.loads(done.read_text()).get("run") == run:
+        summary = {k: v for k, v in json.loads(done.read_text()).items() if k != "run"}
+        rows = read_jsonl(out / "items.jsonl")
+        print(f"passes 1 and 2 reused from {done} (a rerun of the same command; delete it to redo them)")
     else:
-        pred, raw = classify(model, tok, [task.messages(it)[-1]["content"] for it in items], cls_expert, args.slots, pass1)
-    t1 = time.perf_counter()
-    matrix = confusion([true] * len(items), pred)
-    k_dispatch = sum(p == true for p in pred)
-    summary = {"task": task.name, "strategy": args.strategy, "n": len(items), "model": args.model,
-               "experts": {c: e.source for c, e in experts.items()}, "pass1_s": t1 - t0,
-               "categories": list(CATEGORIES), "confusion": matrix,
-               "dispatch_acc": k_dispatch / max(len(items), 1), "dispatch": fmt_acc(k_dispatch, len(items))}
-    print(f"pass 1 | {args.strategy} | {t1 - t0:.1f} s | " + ("one z′ for all (cem.py's α)" if mixed else
-          f"dispatch accuracy {summary['dispatch']} (true: {true})"))
-    print("confusion (rows true, cols predicted)\n" + f"{'':>10}" + "".join(f"{c:>10}" for c in CATEGORIES))
-    print("\n".join(f"{a:>10}" + "".join(f"{v:>10}" for v in row) for a, row in zip(CATEGORIES, matrix)))
-    rows = [{"id": it["id"], "category": p, "pass1": r} for it, p, r in zip(items, pred, raw)]
+        summary, rows = passes(model, tok, task, items, true, experts, cache, cls_expert, mixed, pass1, args)
+        if out is not None:  # saved before the optional timing below: a run killed there keeps its results
+            write_jsonl(out / "items.jsonl", rows)
+            write_json(done, {"run": run, **summary})
+    if args.time_merged and experts and not args.classify_only and "merged_pass2_s" not in summary:
+        # the same pass 2, one weight merge per category group (the official code's way), timed
+        pred, texts = [r["category"] for r in rows], [r["completion"] for r in rows]
+        t3 = time.perf_counter()
+        merged = pass2_merged(model, tok, task, items, pred, experts, cache, args)
+        summary.update(merged_pass2_s=time.perf_counter() - t3, merged_same=sum(a == b for a, b in zip(merged, texts)))
+        print(f"pass 2, merged per category ({len(set(pred))} groups) | {summary['merged_pass2_s']:.1f} s vs "
+              f"{summary['pass2_s']:.1f} s in one batch | same answer {summary['merged_same']}/{len(items)}")
 
-    if not args.classify_only:
-        if mixed:  # one z′ for every row: merge it once (zero overhead)
-            with svf.merged(model, mixed[0], rescale=mixed[1]):
-                records = pass2(model, tok, task, items, pred, {}, None, args)
-        else:  # rows routed to different experts: the factored layers (attached above), one z per row
-            records = pass2(model, tok, task, items, pred, experts, cache, args)
-        t2 = time.perf_counter()
-        texts = [r["completion"] for r in records]
-        correct = [r["correct"] for r in records]
-        k = sum(correct)
-        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
-        summary.update(pass2_s=t2 - t1, ratio=(t1 - t0) / (t2 - t1), accuracy=k / max(len(items), 1),
-                       acc=fmt_acc(k, len(items)), **format_tally(records))
-        print(f"pass 2 | {t2 - t1:.1f} s | pass 1 / pass 2 = {summary['ratio']:.2f} | {format_counts(records)}")
-        for row, r in zip(rows, records):
-            row.update(completion=r["completion"], answered=r["extracted"] is not None, cut=r["cut"],
-                       correct=r["correct"])
-        if args.compare_base:  # the same items, exact base weights, paired test
-            base = [r["correct"] for r in pass2(model, tok, task, items, pred, {}, None, args)]
-            summary.update(base_acc=fmt_acc(sum(base), len(items)), mcnemar_p=mcnemar(correct, base))
-            print(f"base   | accuracy {summary['base_acc']} | McNemar p = {summary['mcnemar_p']:.3g} (paired, n={len(items)})")
-            for row, ok in zip(rows, base):
-                row["base_correct"] = ok
-        if args.time_merged and experts:  # the same pass 2, one weight merge per category group
-            t3 = time.perf_counter()
-            merged = pass2_merged(model, tok, task, items, pred, experts, cache, args)
-            summary.update(merged_pass2_s=time.perf_counter() - t3, merged_same=sum(a == b for a, b in zip(merged, texts)))
-            print(f"pass 2, merged per category ({len(set(pred))} groups) | {summary['merged_pass2_s']:.1f} s vs "
-                  f"{t2 - t1:.1f} s in one batch | same answer {summary['merged_same']}/{len(items)}")
-
-    if args.out:
-        out = Path(args.out)
-        write_jsonl(out / "items.jsonl", rows)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot_confusion(out / "confusion.png", matrix, CATEGORIES, f"{task.name} | {args.strategy} | n={len(items)}")
+    if out is not None:
+        write_json(out / "summary.json", summary)
+        plot_confusion(out / "confusion.png", summary["confusion"], CATEGORIES,
+                       f"{task.name} | {args.strategy} | n={len(items)}")
         print(f"wrote {out}/items.jsonl, summary.json, confusion.png")
     return summary
 

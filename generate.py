@@ -146,7 +146,7 @@ class StopStrings:
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
              stop=None, samples=1, slots=64, zs=None, rescale=True, base_rows=None, embed=None, stats=None,
-             progress=None):
+             progress=None, on_done=None):
     """Continue prompts (strings, already rendered, or id lists) with continuous batching.
 
     The engine keeps `slots` rows of one KV cache busy: when a row ends (eos, a stop string, or
@@ -166,6 +166,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
         (vlm.py splices each prompt's images in this way).
     stats: optional dict; seconds and tokens of prefill and decode are added to it (benchmarks).
     progress: optional label; shows a progress bar of finished answers (stderr) under that name.
+    on_done: optional on_done(row, ids, text, cut), called as each row finishes (callers save
+        finished answers as they come, so a killed run keeps them).
     """
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -267,6 +269,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
                 stats[phase + "_tokens"] = stats.get(phase + "_tokens", 0) + tokens
             done = [s for s, tok in zip(busy, toks) if record(s, tok)]
             bar.update(len(done))
+            for s in done if on_done is not None else ():
+                r = rows[s]
+                on_done(r, out[r], texts[r] if texts[r] is not None else tokenizer.decode(out[r]), cut[r])
             for s in sorted(done, reverse=True):  # free the slot: the last busy slot moves into the hole
                 b = len(rows) - 1
                 if s != b:

@@ -15,8 +15,11 @@ integer task_id (completion = whole program); GSM8K the 0-based line of test.jso
 dataset id; MATH "<subject>/<index>".
 """
 import argparse
+import contextlib
 import dataclasses
+import json
 import time
+from pathlib import Path
 
 import cli
 from evals import get_task
@@ -46,15 +49,15 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (use 1 per process when several jobs share the cores)")
-    ap.add_argument("--out", default=None, help="per-item JSONL (default: print the summary only)")
+    ap.add_argument("--out", default=None, help="per-item JSONL (default: print the summary only); answers are "
+                    "saved to OUT.partial as they finish, so rerunning a killed command resumes")
     cli.add_device_args(ap)
     return ap.parse_args(argv)
 
 
-def generate_all(args, task, items):
-    """Answer `items` with the model (and expert); returns evals.common.answer's records."""
-    import contextlib
-
+def generate_all(args, task, items, seed=None, on_done=None):
+    """Answer `items` with the model (and expert); returns evals.common.answer's records, unchecked.
+    seed: one sampling seed per item (default args.seed + its position); on_done as in answer()."""
     import torch
 
     import vlm
@@ -84,20 +87,68 @@ def generate_all(args, task, items):
         import svf
         ctx = (lora.merged if lora.is_adapter_file(args.expert) else svf.merged)(model, args.expert)
     with ctx:
-        return answer(model, tok, task, items, temperature=args.temperature, seed=args.seed,
+        return answer(model, tok, task, items, temperature=args.temperature, seed=args.seed if seed is None else seed,
                       max_new_tokens=args.max_new_tokens, slots=args.slots, prompts=prompts, embed=embed,
-                      progress=f"{task.name} {args.split}")
+                      check=False, progress=f"{task.name} {args.split}", on_done=on_done)
+
+
+def read_partial(path, run):
+    """The answers a killed run with the same settings saved in OUT.partial: {item index: record}, and
+    the generation seconds they took. A last line cut short by the kill is dropped."""
+    if not path.exists():
+        return {}, 0.0
+    lines = path.read_text().splitlines()
+    head = json.loads(lines[0]).get("run") if lines else None
+    if head != run:
+        diff = sorted(k for k in run if (head or {}).get(k) != run[k])
+        raise ValueError(f"{path}: answers of a run with other settings ({', '.join(diff)} differ); "
+                         f"delete it or pick another --out")
+    done, seconds = {}, 0.0
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        done[row.pop("i")] = row
+        seconds = row.pop("seconds")
+    return done, seconds
 
 
 def evaluate(args, task):
+    """Generate, check, summarise. With --out, answers are saved to OUT.partial as they finish: a
+    killed run, started again with the same command, generates only what is missing."""
     items = task.load(args.split, data_dir=args.data_dir)[:args.limit]
+    run = {k: getattr(args, k) for k in ("task", "split", "limit", "model", "expert", "max_new_tokens",
+                                         "temperature", "seed", "data_dir")}
+    partial = Path(args.out + ".partial") if args.out else None
+    done, before = read_partial(partial, run) if partial else ({}, 0.0)
+    todo = [i for i in range(len(items)) if i not in done]
+    if done:
+        print(f"resuming from {partial}: {len(done)} of {len(items)} answered ({before:.0f} s), {len(todo)} to go")
     t0 = time.time()
-    records = generate_all(args, task, items)
-    t_gen = time.time() - t0
+    if todo:
+        with open(partial, "a") if partial else contextlib.nullcontext() as f:
+            if f is not None and not done:
+                f.write(json.dumps({"run": run}) + "\n")
+
+            def keep(r, rec):  # one line per finished answer, flushed: a kill loses only unfinished rows
+                f.write(json.dumps({"i": todo[r], "ids": rec["ids"], "prompt": rec["prompt"],
+                                    "completion": rec["completion"], "cut": rec["cut"],
+                                    "seconds": before + time.time() - t0}) + "\n")
+                f.flush()
+            new = generate_all(args, task, [items[i] for i in todo], seed=[args.seed + i for i in todo],
+                               on_done=keep if f is not None else None)
+        done.update(zip(todo, new))
+    t_gen = before + time.time() - t0
+    records = [done[i] for i in range(len(items))]
+    correct = task.check(items, [r["completion"] for r in records])
+    for r, ok in zip(records, correct):
+        r.update(extracted=task.extract(r["completion"]), correct=ok)
     rows = [{"id": it["id"], "prompt": r["prompt"], "completion": r["completion"], "extracted": r["extracted"],
              "gold": it["gold"], "cut": r["cut"], "correct": r["correct"]} for it, r in zip(items, records)]
     if args.out:
         write_jsonl(args.out, rows)
+        partial.unlink(missing_ok=True)
     n = len(records)
     tokens = sum(len(r["ids"]) for r in records)
     soft = f" | VQA accuracy {100 * sum(task.score(items, [r['completion'] for r in records])) / max(n, 1):.1f}" if task.images else ""

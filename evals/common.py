@@ -188,14 +188,16 @@ def render_prompt(tokenizer, task: Task, item: dict) -> str:
 
 def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temperature=0.0, top_p=1.0, seed=0,
            max_new_tokens=None, slots=64, zs=None, rescale=True, base_rows=None, prompts=None, embed=None,
-           check=True, progress=None) -> list[dict]:
+           check=True, progress=None, on_done=None) -> list[dict]:
     """The one path from task items to verdicts (evals, REINFORCE rollouts, CEM, dispatch, benchmarks):
     render each item's prompt, generate `samples` answers per item with generate.py's engine, check them.
 
     prompts: already-made prompts instead of rendering (a VLM's id lists with image tokens expanded);
     zs / rescale / base_rows / embed: per-item SVF scales and the prefill hook, as in generate.generate;
     check=False skips the checker (items without gold, e.g. dispatch's pass 1);
-    progress: a label for a progress bar of finished answers (long runs).
+    progress: a label for a progress bar of finished answers (long runs);
+    on_done(row, record): called as each answer finishes, with its record so far (prompt, ids,
+      completion, cut; not checked yet), so a long run can save answers as they come.
     Returns one record per answer, item-major (item i's samples at i*samples ... i*samples+samples-1):
       prompt (the text, when prompts are strings), prompt_ids, ids (generated ids), completion (text),
       extracted (None: no final answer found),
@@ -206,9 +208,15 @@ def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temper
     if prompts is None:
         prompts = [render_prompt(tokenizer, task, it) for it in items]
     prompt_ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    done = None
+    if on_done is not None:
+        def done(r, ids, text, cut):
+            p = prompts[r // samples]
+            on_done(r, {"prompt": p if isinstance(p, str) else None, "ids": ids, "completion": text, "cut": cut})
     g = generate(model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens or task.max_new_tokens,
                  temperature=temperature, top_p=top_p, seed=seed, stop=list(task.stop) or None, samples=samples,
-                 slots=slots, zs=zs, rescale=rescale, base_rows=base_rows, embed=embed, progress=progress)
+                 slots=slots, zs=zs, rescale=rescale, base_rows=base_rows, embed=embed, progress=progress,
+                 on_done=done)
     rows = [items[r // samples] for r in range(len(g.ids))]
     correct = task.check(rows, g.texts) if check else [None] * len(rows)
     return [{"prompt": prompts[r // samples] if isinstance(prompts[r // samples], str) else None,
@@ -217,8 +225,10 @@ def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temper
 
 
 def format_tally(records) -> dict:
-    """{"answered": how many had a final answer found, "cut": how many hit the token cap}."""
-    return {"answered": sum(r["extracted"] is not None for r in records), "cut": sum(bool(r["cut"]) for r in records)}
+    """{"answered": how many had a final answer found, "cut": how many hit the token cap}, from answer()'s
+    records (extracted) or per-item result files (answered)."""
+    answered = [r["answered"] if "answered" in r else r["extracted"] is not None for r in records]
+    return {"answered": sum(map(bool, answered)), "cut": sum(bool(r["cut"]) for r in records)}
 
 
 def format_counts(records) -> str:

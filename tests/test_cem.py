@@ -84,6 +84,53 @@ def test_incumbent_is_member_zero_and_reevaluated():
     assert torch.equal(seen[2][0], seen[1][seen[1][:, 0].argmax()])
 
 
+def test_a_killed_search_resumes_where_it_stopped(tmp_path):
+    """3 generations, then the same search raised to 6 from the saved state = 6 in one go (the
+    random stream is saved too); a state file from a search with other settings is refused."""
+    target = torch.tensor([0.2, 0.9, 0.5])
+    calls = []
+
+    def fitness(pop):
+        calls.append(1)
+        d = (pop - target).pow(2).sum(1)
+        return (1 - d).mul(10).floor() / 10, -d
+    quiet = lambda *_: None  # noqa: E731
+    whole, h_whole = cem.cem(fitness, (3,), cem_args(generations=6), quiet, state=tmp_path / "a.pt", config={"x": 1})
+    cem.cem(fitness, (3,), cem_args(generations=3), quiet, state=tmp_path / "b.pt", config={"x": 1})
+    calls.clear()
+    resumed, h_resumed = cem.cem(fitness, (3,), cem_args(generations=6), quiet, state=tmp_path / "b.pt", config={"x": 1})
+    assert len(calls) == 3  # only the 3 missing generations were scored
+    assert torch.equal(whole, resumed)
+    drop = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert drop(h_whole) == drop(h_resumed) and len(h_resumed) == 6
+    with pytest.raises(ValueError, match=r"b\.pt: a search with other settings \(x differ\)"):
+        cem.cem(fitness, (3,), cem_args(generations=6), quiet, state=tmp_path / "b.pt", config={"x": 2})
+
+
+def test_a_rerun_reuses_what_a_killed_run_finished(tiny_dir, tmp_path, monkeypatch):
+    """cem.py run to the end, then run again into the same --out: the search is loaded and the three
+    report rows are read back (nothing is generated: answer_all would fail), with the same summary."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    model = Transformer.from_pretrained(tiny_dir)
+    paths = []
+    for i, e in enumerate(random_experts(model, svd_cache.load(model, "mlp"))):
+        paths.append(str(tmp_path / f"e{i}.safetensors"))
+        e.save(paths[-1])
+    argv = ["--task", "parity", "--model", str(tiny_dir), "--experts", *paths, "--shots", "2", "--limit", "4",
+            "--generations", "2", "--population", "4", "--elites", "2", "--max-new-tokens", "3",
+            "--out", str(tmp_path / "out")]
+    first = cem.main(cem.get_args(argv))
+    (tmp_path / "out" / "summary.json").unlink()  # as if killed after the last row
+
+    def fail(*a, **k):
+        raise AssertionError("a finished row was generated again")
+    monkeypatch.setattr(cem, "answer_all", fail)
+    monkeypatch.setattr(cem, "sharded_fitness", fail)
+    assert cem.main(cem.get_args(argv)) == first
+    with pytest.raises(ValueError, match="population differ"):  # the same --out, another search
+        cem.main(cem.get_args([*argv[:-2], "--population", "6", "--out", str(tmp_path / "out")]))
+
+
 def random_experts(model, cache, k=3):
     out = []
     for i in range(k):

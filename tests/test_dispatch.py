@@ -240,6 +240,34 @@ def test_cli_task_and_prompt_end_to_end(tiny_run):
     assert one["expert"] == ("base weights" if one["category"] == "other" else f"{tmp / one['category']}.safetensors")
 
 
+def test_a_rerun_after_a_kill_keeps_passes_1_and_2(tiny_run, monkeypatch):
+    """Killed during the --time-merged timing: passes.json and items.jsonl are on disk, and the rerun of
+    the same command only times the merged pass 2 (classify and pass2 would fail); other settings redo all."""
+    folder, specs, tmp = tiny_run
+    argv = ["--task", "gsm8k", "--limit", "3", "--slots", "2", "--max-new-tokens", "3", "--time-merged",
+            "--model", str(folder), "--experts", *specs, "--threads", "1", "--out", str(tmp / "k")]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(dispatch, "pass2_merged", killed)
+        with pytest.raises(KeyboardInterrupt):
+            dispatch.main(dispatch.get_args(argv))
+    assert (tmp / "k" / "passes.json").exists() and not (tmp / "k" / "summary.json").exists()
+    first = json.loads((tmp / "k" / "passes.json").read_text())
+    with monkeypatch.context() as m:
+        m.setattr(dispatch, "classify", killed)
+        m.setattr(dispatch, "pass2", killed)
+        s = dispatch.main(dispatch.get_args(argv))
+    assert s["merged_same"] == 3 and s["merged_pass2_s"] > 0
+    assert {k: v for k, v in s.items() if not k.startswith("merged")} == {k: v for k, v in first.items() if k != "run"}
+    assert json.loads((tmp / "k" / "summary.json").read_text()) == s
+    with monkeypatch.context() as m:  # another --max-new-tokens: not the same passes, so they run again
+        m.setattr(dispatch, "classify", killed)
+        with pytest.raises(KeyboardInterrupt):
+            dispatch.main(dispatch.get_args([*argv, "--max-new-tokens", "2"]))
+
+
 def test_fewshot_task_leaves_out_the_cem_shots(tiny_run):
     folder, specs, tmp = tiny_run
     paths = [s.split("=", 1)[1] for s in specs]

@@ -473,3 +473,41 @@ def test_cli_expert_takes_a_lora_adapter_matching_transformers(tiny_dir, tmp_pat
         out = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)[0, ids.shape[1]:]
         assert row["completion"] == tok.decode(out, skip_special_tokens=True), row["id"]
     assert [r["completion"] for r in rows] != [r["completion"] for r in base]  # the adapter really acts
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_a_killed_eval_resumes_with_the_same_answers(tiny_dir, tmp_path, monkeypatch, temperature):
+    """Killed after 2 of 5 answers: OUT.partial keeps them and the rerun generates only the other 3;
+    the file equals an uninterrupted run's (sampled too: each item keeps its own seed). A partial
+    file of other settings is refused in one line."""
+    import evals.__main__ as ev
+    argv = ["--task", "gsm8k", "--model", str(tiny_dir), "--limit", "5", "--slots", "2", "--max-new-tokens", "6",
+            "--temperature", temperature, "--threads", "1"]
+    main(parse_args([*argv, "--out", str(tmp_path / "whole.jsonl")]))
+    real, asked = ev.generate_all, []
+
+    def killed_after_two(args, task, items, seed=None, on_done=None):
+        def done(r, rec):
+            on_done(r, rec)
+            if r == 1:  # the slots hold rows 0 and 1 first; both finish at the cap, in order
+                raise KeyboardInterrupt
+        return real(args, task, items, seed, done)
+    monkeypatch.setattr(ev, "generate_all", killed_after_two)
+    out = tmp_path / "resumed.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        main(parse_args([*argv, "--out", str(out)]))
+    assert not out.exists() and len(read_jsonl(str(out) + ".partial")) == 1 + 2  # header + 2 answers
+
+    def counting(args, task, items, seed=None, on_done=None):
+        asked.append(len(items))
+        return real(args, task, items, seed, on_done)
+    monkeypatch.setattr(ev, "generate_all", counting)
+    main(parse_args([*argv, "--out", str(out)]))
+    assert asked == [3] and not Path(str(out) + ".partial").exists()
+    assert read_jsonl(out) == read_jsonl(tmp_path / "whole.jsonl")
+    with pytest.raises(KeyboardInterrupt):  # leave a partial file, then ask for other settings
+        monkeypatch.setattr(ev, "generate_all", killed_after_two)
+        main(parse_args([*argv, "--out", str(out)]))
+    with pytest.raises(ValueError, match=r"resumed\.jsonl\.partial: answers of a run with other settings "
+                                         r"\(max_new_tokens differ\)"):
+        main(parse_args([*argv, "--max-new-tokens", "7", "--out", str(out)]))
