@@ -202,6 +202,36 @@ def answer_all(model, tok, task, items, zs, args):
         return answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, progress="test items")
 
 
+def report(model, tok, task, rest, experts, zs, shape, out, resumed, args, log=print):
+    """The found z′ on the items CEM never saw, against the base model and uniform α: one per-item file
+    each (for paired tests against other runs, python -m evals --compare), written as it finishes, so
+    a resumed run reuses it; summary.json with accuracies, format counts and paired McNemar p."""
+    uniform = svf.mix(experts, torch.full(shape, 1.0 / len(experts)), args.mode)
+    records = {}
+    for name, z in [("cem", zs), ("base", None), ("uniform", uniform)]:
+        path = out / f"{name}.jsonl"
+        if resumed and path.exists() and [r["id"] for r in read_jsonl(path)] == [it["id"] for it in rest]:
+            log(f"{name:8s} reusing {path}")
+            records[name] = read_jsonl(path)
+            continue
+        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
+        records[name] = [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"], "correct": r["correct"]}
+                         for it, r in zip(rest, answer_all(model, tok, task, rest, z, args))]
+        write_jsonl(path, records[name])
+    res = {name: [r["correct"] for r in recs] for name, recs in records.items()}
+    summary = {}
+    for name, recs in records.items():
+        summary[name] = {"correct": sum(res[name]), "n": len(recs), "acc": fmt_acc(sum(res[name]), len(recs)),
+                         **format_tally(recs)}
+    summary["p_vs_base"] = mcnemar(res["cem"], res["base"])
+    summary["p_vs_uniform"] = mcnemar(res["cem"], res["uniform"])
+    for name in ("cem", "base", "uniform"):
+        log(f"{name:8s} {format_counts(records[name])}")
+    log(f"paired McNemar: cem vs base p={summary['p_vs_base']:.3f}, vs uniform p={summary['p_vs_uniform']:.3f}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,31 +288,7 @@ def main(args):
                                                 "task": args.task, "split": args.split,
                                                 "shots": [it["id"] for it in shots], "history": history}, indent=1))
     plot_alpha(out / "alpha.png", alpha, names)
-    # report on the items CEM never saw: adapted vs base vs uniform α, one per-item file each (for paired
-    # tests against other runs, python -m evals --compare), written as it finishes: a resumed run reuses it
-    uniform = svf.mix(experts, torch.full(shape, 1.0 / K), args.mode)
-    records = {}
-    for name, zs_ in [("cem", zs), ("base", None), ("uniform", uniform)]:
-        path = out / f"{name}.jsonl"
-        if resumed and path.exists() and [r["id"] for r in read_jsonl(path)] == [it["id"] for it in rest]:
-            log(f"{name:8s} reusing {path}")
-            records[name] = read_jsonl(path)
-            continue
-        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
-        records[name] = [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"], "correct": r["correct"]}
-                         for it, r in zip(rest, answer_all(model, tok, task, rest, zs_, args))]
-        write_jsonl(path, records[name])
-    res = {name: [r["correct"] for r in recs] for name, recs in records.items()}
-    summary = {}
-    for name, recs in records.items():
-        summary[name] = {"correct": sum(res[name]), "n": len(recs), "acc": fmt_acc(sum(res[name]), len(recs)),
-                         **format_tally(recs)}
-    summary["p_vs_base"] = mcnemar(res["cem"], res["base"])
-    summary["p_vs_uniform"] = mcnemar(res["cem"], res["uniform"])
-    for name in ("cem", "base", "uniform"):
-        log(f"{name:8s} {format_counts(records[name])}")
-    log(f"paired McNemar: cem vs base p={summary['p_vs_base']:.3f}, vs uniform p={summary['p_vs_uniform']:.3f}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = report(model, tok, task, rest, experts, zs, shape, out, resumed, args, log)
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
