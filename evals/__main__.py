@@ -94,11 +94,15 @@ def generate_all(args, task, items, seed=None, on_done=None):
 
 def read_partial(path, run):
     """The answers a killed run with the same settings saved in OUT.partial: {item index: record}, and
-    the generation seconds they took. A last line cut short by the kill is dropped."""
+    the generation seconds they took. A last line cut short by the kill is dropped; a file killed
+    before its settings line was complete (nothing answered yet) counts as no file."""
     if not path.exists():
         return {}, 0.0
     lines = path.read_text().splitlines()
-    head = json.loads(lines[0]).get("run") if lines else None
+    try:
+        head = json.loads(lines[0])["run"]
+    except (IndexError, json.JSONDecodeError):
+        return {}, 0.0
     if head != run:
         diff = sorted(k for k in run if (head or {}).get(k) != run[k])
         raise ValueError(f"{path}: answers of a run with other settings ({', '.join(diff)} differ); "
@@ -127,9 +131,10 @@ def evaluate(args, task):
         print(f"resuming from {partial}: {len(done)} of {len(items)} answered ({before:.0f} s), {len(todo)} to go")
     t0 = time.time()
     if todo:
-        with open(partial, "a") if partial else contextlib.nullcontext() as f:
+        with open(partial, "a" if done else "w") if partial else contextlib.nullcontext() as f:
             if f is not None and not done:
                 f.write(json.dumps({"run": run}) + "\n")
+                f.flush()
 
             def keep(r, rec):  # one line per finished answer, flushed: a kill loses only unfinished rows
                 f.write(json.dumps({"i": todo[r], "ids": rec["ids"], "prompt": rec["prompt"],

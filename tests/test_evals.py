@@ -479,7 +479,8 @@ def test_cli_expert_takes_a_lora_adapter_matching_transformers(tiny_dir, tmp_pat
 def test_a_killed_eval_resumes_with_the_same_answers(tiny_dir, tmp_path, monkeypatch, temperature):
     """Killed after 2 of 5 answers: OUT.partial keeps them and the rerun generates only the other 3;
     the file equals an uninterrupted run's (sampled too: each item keeps its own seed). A partial
-    file of other settings is refused in one line."""
+    file of other settings is refused in one line; one killed before its first answer (empty, or its
+    settings line cut short) is started over."""
     import evals.__main__ as ev
     argv = ["--task", "gsm8k", "--model", str(tiny_dir), "--limit", "5", "--slots", "2", "--max-new-tokens", "6",
             "--temperature", temperature, "--threads", "1"]
@@ -511,3 +512,9 @@ def test_a_killed_eval_resumes_with_the_same_answers(tiny_dir, tmp_path, monkeyp
     with pytest.raises(ValueError, match=r"resumed\.jsonl\.partial: answers of a run with other settings "
                                          r"\(max_new_tokens differ\)"):
         main(parse_args([*argv, "--max-new-tokens", "7", "--out", str(out)]))
+    monkeypatch.setattr(ev, "generate_all", real)
+    for cut_short in ("", '{"run": {"task": "gs'):  # killed before the first answer finished
+        early = tmp_path / "early.jsonl"
+        Path(str(early) + ".partial").write_text(cut_short)
+        main(parse_args([*argv, "--out", str(early)]))
+        assert read_jsonl(early) == read_jsonl(tmp_path / "whole.jsonl")
