@@ -100,7 +100,7 @@ def read_partial(path, run):
         return {}, 0.0
     lines = path.read_text().splitlines()
     try:
-        head = json.loads(lines[0])["run"]
+        head = json.loads(lines[0]).get("run")
     except (IndexError, json.JSONDecodeError):
         return {}, 0.0
     if head != run:
