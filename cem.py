@@ -169,6 +169,9 @@ def cem(fitness, shape, args, log=print, state=None, config=None):
                         "mean_acc": float(acc.mean()), "seconds": time.time() - t0})
         log(f"gen {gen} | best {best_fit[0]:.1%} (ll {best_fit[1]:.3f}) | population mean {float(acc.mean()):.1%} "
             f"| {history[-1]['seconds']:.1f} s")
+        if bool((acc == acc[0]).all() and (ll == ll[0]).all()):  # e.g. no member solved any shot
+            log(f"gen {gen}: every member scored the same on the shots, so the elites are simply the first "
+                f"{args.elites} members and the search drifts; more or easier --shots would give it a signal")
         if state is not None and cli.world()[0] == 0:
             save_atomic({"config": config, "mean": mean, "std": std, "best": best, "best_fit": list(best_fit),
                          "history": history, "rng": g.get_state()}, state)

@@ -84,6 +84,17 @@ def test_incumbent_is_member_zero_and_reevaluated():
     assert torch.equal(seen[2][0], seen[1][seen[1][:, 0].argmax()])
 
 
+def test_a_generation_without_signal_is_reported():
+    """Every member ties (no shot solved: acc 0, ll -inf): the log says so, once per such generation."""
+    lines = []
+    flat = lambda pop: (torch.zeros(len(pop)), torch.full((len(pop),), float("-inf")))  # noqa: E731
+    cem.cem(flat, (3,), cem_args(generations=2), log=lines.append)
+    assert sum("every member scored the same" in line for line in lines) == 2
+    lines.clear()
+    cem.cem(lambda pop: (pop[:, 0], torch.zeros(len(pop))), (3,), cem_args(generations=2), log=lines.append)
+    assert not any("every member scored the same" in line for line in lines)
+
+
 def test_a_killed_search_resumes_where_it_stopped(tmp_path):
     """3 generations, then the same search raised to 6 from the saved state = 6 in one go (the
     random stream is saved too); a state file from a search with other settings is refused."""
