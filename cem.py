@@ -14,6 +14,8 @@ new task, find α so that the mixed vector z′ = Σ_k α_k·z_k answers the sho
 carries its member's z (svf.set_z with (B, r) vectors), so 32 members × 10 shots are one
 generation call instead of 32. The best α is then reported on the remaining N − shots items
 against the base model and uniform α (paired McNemar tests), and saved as JSON + an expert file.
+A row whose weights equal an earlier row's (a search that never solved a shot keeps its uniform
+start, member 0) reuses that row's answers: greedy decoding gives the same ones.
 A killed run resumes when rerun with the same command: the search is saved to OUT/search.pt after
 every generation and each report row to OUT/{cem,base,uniform}.jsonl as it finishes (a search.pt
 made with other settings is refused; a larger --generations continues the search).
@@ -205,22 +207,34 @@ def answer_all(model, tok, task, items, zs, args):
         return answer(model, tok, task, items, max_new_tokens=args.max_new_tokens, slots=args.slots, progress="test items")
 
 
+def same_weights(a, b):
+    """Two z's (name -> tensor, None = the base model) that give the same network."""
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def report(model, tok, task, rest, experts, zs, shape, out, resumed, args, log=print):
     """The found z′ on the items CEM never saw, against the base model and uniform α: one per-item file
     each (for paired tests against other runs, python -m evals --compare), written as it finishes, so
     a resumed run reuses it; summary.json with accuracies, format counts and paired McNemar p."""
     uniform = svf.mix(experts, torch.full(shape, 1.0 / len(experts)), args.mode)
-    records = {}
+    records, done = {}, []  # done: (z, name) of the rows so far
     for name, z in [("cem", zs), ("base", None), ("uniform", uniform)]:
         path = out / f"{name}.jsonl"
+        twin = next((n for z2, n in done if same_weights(z, z2)), None)
         if resumed and path.exists() and [r["id"] for r in read_jsonl(path)] == [it["id"] for it in rest]:
             log(f"{name:8s} reusing {path}")
             records[name] = read_jsonl(path)
-            continue
-        # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
-        records[name] = [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"], "correct": r["correct"]}
-                         for it, r in zip(rest, answer_all(model, tok, task, rest, z, args))]
-        write_jsonl(path, records[name])
+        elif twin is not None:  # e.g. a search without signal kept the uniform start: greedy answers are equal
+            log(f"{name:8s} the same weights as {twin}: its answers")
+            records[name] = [dict(r) for r in records[twin]]
+            write_jsonl(path, records[name])
+        else:  # format apart from accuracy: answered (a final answer was found), cut (ran into the token cap)
+            records[name] = [{"id": it["id"], "answered": r["extracted"] is not None, "cut": r["cut"],
+                              "correct": r["correct"]} for it, r in zip(rest, answer_all(model, tok, task, rest, z, args))]
+            write_jsonl(path, records[name])
+        done.append((z, name))
     res = {name: [r["correct"] for r in recs] for name, recs in records.items()}
     summary = {}
     for name, recs in records.items():

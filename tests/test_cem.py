@@ -142,6 +142,36 @@ def test_a_rerun_reuses_what_a_killed_run_finished(tiny_dir, tmp_path, monkeypat
         cem.main(cem.get_args([*argv[:-2], "--population", "6", "--out", str(tmp_path / "out")]))
 
 
+def test_a_row_with_the_same_weights_as_another_is_not_generated_twice(tiny_dir, tmp_path, monkeypatch):
+    """A search whose shots no member solves keeps its uniform start (member 0, the incumbent, ranks
+    first among equals), so the cem row has uniform α's weights: it is answered once, and the uniform
+    row's file holds the same answers that generating it again gives."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    model = Transformer.from_pretrained(tiny_dir)
+    paths = []
+    for i, e in enumerate(random_experts(model, svd_cache.load(model, "mlp"))):
+        paths.append(str(tmp_path / f"e{i}.safetensors"))
+        e.save(paths[-1])
+    flat = lambda *a: (torch.zeros(4), torch.full((4,), float("-inf")))  # noqa: E731
+    monkeypatch.setattr(cem, "sharded_fitness", flat)
+    calls = []
+    real = cem.answer_all
+    monkeypatch.setattr(cem, "answer_all", lambda *a: calls.append(a[4]) or real(*a))
+    argv = ["--task", "parity", "--model", str(tiny_dir), "--experts", *paths, "--shots", "2", "--limit", "6",
+            "--generations", "2", "--population", "4", "--elites", "2", "--max-new-tokens", "4",
+            "--out", str(tmp_path / "out")]
+    cem.main(cem.get_args(argv))
+    alpha = json.loads((tmp_path / "out" / "alpha.json").read_text())["alpha"]
+    assert alpha == [torch.tensor(1 / 3).item()] * 3
+    assert len(calls) == 2 and calls[1] is None  # cem (= uniform), base
+    rows = lambda n: [json.loads(x) for x in (tmp_path / "out" / f"{n}.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows("uniform") == rows("cem")
+    monkeypatch.setattr(cem, "same_weights", lambda *a: False)  # the uniform row generated for real, apart
+    cem.main(cem.get_args([*argv[:-1], str(tmp_path / "out2")]))
+    assert len(calls) == 5
+    assert [json.loads(x) for x in (tmp_path / "out2" / "uniform.jsonl").read_text().splitlines()] == rows("uniform")
+
+
 def random_experts(model, cache, k=3):
     out = []
     for i in range(k):
