@@ -121,12 +121,7 @@ def test_a_killed_search_resumes_where_it_stopped(tmp_path):
 def test_a_rerun_reuses_what_a_killed_run_finished(tiny_dir, tmp_path, monkeypatch):
     """cem.py run to the end, then run again into the same --out: the search is loaded and the three
     report rows are read back (nothing is generated: answer_all would fail), with the same summary."""
-    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
-    model = Transformer.from_pretrained(tiny_dir)
-    paths = []
-    for i, e in enumerate(random_experts(model, svd_cache.load(model, "mlp"))):
-        paths.append(str(tmp_path / f"e{i}.safetensors"))
-        e.save(paths[-1])
+    paths = expert_files(tiny_dir, tmp_path, monkeypatch)
     argv = ["--task", "parity", "--model", str(tiny_dir), "--experts", *paths, "--shots", "2", "--limit", "4",
             "--generations", "2", "--population", "4", "--elites", "2", "--max-new-tokens", "3",
             "--out", str(tmp_path / "out")]
@@ -146,12 +141,7 @@ def test_a_row_with_the_same_weights_as_another_is_not_generated_twice(tiny_dir,
     """A search whose shots no member solves keeps its uniform start (member 0, the incumbent, ranks
     first among equals), so the cem row has uniform α's weights: it is answered once, and the uniform
     row's file holds the same answers that generating it again gives."""
-    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
-    model = Transformer.from_pretrained(tiny_dir)
-    paths = []
-    for i, e in enumerate(random_experts(model, svd_cache.load(model, "mlp"))):
-        paths.append(str(tmp_path / f"e{i}.safetensors"))
-        e.save(paths[-1])
+    paths = expert_files(tiny_dir, tmp_path, monkeypatch)
     flat = lambda *a: (torch.zeros(4), torch.full((4,), float("-inf")))  # noqa: E731
     monkeypatch.setattr(cem, "sharded_fitness", flat)
     calls = []
@@ -170,6 +160,17 @@ def test_a_row_with_the_same_weights_as_another_is_not_generated_twice(tiny_dir,
     cem.main(cem.get_args([*argv[:-1], str(tmp_path / "out2")]))
     assert len(calls) == 5
     assert [json.loads(x) for x in (tmp_path / "out2" / "uniform.jsonl").read_text().splitlines()] == rows("uniform")
+
+
+def expert_files(tiny_dir, tmp_path, monkeypatch):
+    """Three random experts of the tiny model saved under tmp_path (SVD cache there too): their paths."""
+    monkeypatch.setenv("T2_CACHE", str(tmp_path / "cache"))
+    model = Transformer.from_pretrained(tiny_dir)
+    paths = []
+    for i, e in enumerate(random_experts(model, svd_cache.load(model, "mlp"))):
+        paths.append(str(tmp_path / f"e{i}.safetensors"))
+        e.save(paths[-1])
+    return paths
 
 
 def random_experts(model, cache, k=3):
