@@ -117,9 +117,11 @@ ablation: setup
 
 # cem / dispatch: the model the experts were trained on (MODEL=... overrides) and expert files named
 # explicitly; nothing is discovered under runs/. Default: the shipped experts of that model,
-# experts/<model>/{math,code,reasoning,cls}.safetensors. One rule for which file of a run is "the"
-# expert: best.safetensors, the best-validation checkpoint (the paper's early stopping), never
-# last.safetensors (kept by reinforce.py only to resume and inspect). To use your own runs:
+# experts/<model>/{math,code,reasoning,cls}.safetensors. Which file of a run is "the" expert:
+# best.safetensors, the best-validation checkpoint (the paper's early stopping); last.safetensors is
+# the z after the final update (resuming uses state.pt). The one exception shipped: the code expert
+# is MBPP's last.safetensors, since its validation never beat the start (RECIPE_mbpp above). To use
+# your own runs:
 #   make dispatch EXPERT_DIR=mine   with mine/{math,code,reasoning,cls}.safetensors copied from
 #   runs/{gsm8k,mbpp,arc_easy_direct,cls}-MODEL/best.safetensors (the tasks below).
 XM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(EXPERT_MODEL))
@@ -128,7 +130,7 @@ EXPERT_DIR ?= experts/$(notdir $(CKPT_$(XM)))
 experts-%:
 	@for c in $(subst +, ,$*); do f=$(EXPERT_DIR)/$$c.safetensors; test -f $$f || { \
 	    t=$$(case $$c in math) echo gsm8k;; code) echo mbpp;; reasoning) echo arc_easy_direct;; *) echo $$c;; esac); \
-	    echo "error: $$f: missing; train it with \`make train TASK=$$t\` and copy runs/$$t-$(XM)/best.safetensors there"; \
+	    echo "error: $$f: missing; train it with \`make train TASK=$$t\` and copy runs/$$t-$(XM)/best.safetensors there (or last.safetensors if validation never improved)"; \
 	    exit 2; }; done
 
 cem: experts-math+code+reasoning setup

@@ -12,19 +12,21 @@ base_rows). (The official code keeps whichever expert it loaded last, so "other"
 stale expert: a bug we fix.) All experts of one run share one Σσ rescale rule, their own flag: a set
 that mixes flags is refused (svf.load_experts).
 
+Experts are always named explicitly (--experts math=F code=F reasoning=F, --cls-expert F); `make dispatch`
+passes the shipped experts/<model>/*.safetensors (the Makefile states which file is the default and why).
+With the shipped ones:
+    M=checkpoints/qwen2.5-coder-0.5b-instruct X=experts/qwen2.5-coder-0.5b-instruct
+    E="--experts math=$X/math.safetensors code=$X/code.safetensors reasoning=$X/reasoning.safetensors"
+
 One prompt: merged weights, prints category, expert, answer and both passes' times:
-    python dispatch.py "Write a function that reverses a linked list."
+    python dispatch.py "Write a function that reverses a linked list." --model $M $E   # prompt first: --experts takes every word after it
 A whole task: accuracy (95% CI), dispatch confusion matrix (rows true, columns predicted),
 pass-1 / pass-2 seconds (paper Table 3), with --compare-base a McNemar test vs the base, and with
 --time-merged the time of pass 2 done the official way (one weight merge per category group) against
 the one routed batch (rows on different experts, svf.py's per-row z):
-    python dispatch.py --task humaneval --strategy prompt --limit 20 --out runs/dispatch-humaneval
-    python dispatch.py --task math --strategy prompt --classify-only --limit 30   # pass 1 only
-Experts are always named explicitly (--experts math=F code=F reasoning=F, --cls-expert F); `make dispatch`
-passes the shipped experts/<model>/*.safetensors (the Makefile states which file is the default and why).
-    python dispatch.py --task math --experts math=experts/qwen2.5-coder-0.5b-instruct/math.safetensors \
-        code=experts/qwen2.5-coder-0.5b-instruct/code.safetensors \
-        reasoning=experts/qwen2.5-coder-0.5b-instruct/reasoning.safetensors --model checkpoints/qwen2.5-coder-0.5b-instruct
+    python dispatch.py --model $M $E --task humaneval --strategy prompt --limit 20 --out runs/dispatch-humaneval
+    python dispatch.py --model $M $E --task humaneval --strategy cls --cls-expert $X/cls.safetensors --limit 20
+    python dispatch.py --model $M --task math --classify-only --limit 30       # pass 1 only: no experts needed
 """
 import argparse
 import json

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import cli
 import svd_cache
 
 def target_names(model, targets="qv", layers=None):
@@ -134,8 +135,13 @@ class Adapter:
 
     @classmethod
     def load(cls, path):
-        with safe_open(path, framework="pt") as f:
-            return cls({n: f.get_tensor(n) for n in f.keys()}, dict(f.metadata() or {}), str(path))
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such adapter file")
+        try:
+            with safe_open(path, framework="pt") as f:
+                return cls({n: f.get_tensor(n) for n in f.keys()}, dict(f.metadata() or {}), str(path))
+        except Exception as e:  # truncated or corrupt: safetensors raises its own error types
+            raise ValueError(f"{path}: cannot read safetensors ({e})") from None
 
     def check(self, model):
         """One clear ValueError when this file does not fit `model` (not LoRA, other weights or shapes)."""
@@ -205,7 +211,7 @@ def main(argv=None):
     i = sub.add_parser("init", help="write a freshly initialised adapter (B = 0) and print its size")
     i.add_argument("--out", required=True, help="adapter .safetensors to write")
     i.add_argument("--targets", default="qv", help='paper: "qv"; also "mlp", "qv,mlp", "q,k,v,o", ...')
-    i.add_argument("--layers", default=None, help='"half" or comma-separated indices (default: all)')
+    i.add_argument("--layers", default=None, help='"half", "top" or comma-separated indices (default: all)')
     i.add_argument("--rank", type=int, default=16, help="paper: 16")
     i.add_argument("--alpha", type=float, default=32.0, help="paper: 32")
     i.add_argument("--dropout", type=float, default=0.05, help="paper: 0.05 (training only)")
@@ -216,18 +222,22 @@ def main(argv=None):
     m.add_argument("--out", required=True, help="new folder (model.safetensors + config/tokenizer copies)")
     for q in (i, m):
         q.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
+        cli.add_device_args(q)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from model import Transformer, save_folder
+    if args.cmd in ("init", "merge"):
+        device, dtype = cli.device_and_dtype(args)
     if args.cmd == "init":
-        model = Transformer.from_pretrained(args.model)
+        model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         names = target_names(model, args.targets, args.layers)
         (adapter := Adapter.new(init_params(model, names, args.rank, args.seed), model, args.alpha, args.targets,
                                 args.dropout, args.task, seed=args.seed)).save(args.out)
         print(f"{args.out} | {len(names)} matrices | r={args.rank} alpha={args.alpha:g} | "
               f"{adapter.n_params():,} parameters | base {adapter.meta['base_fingerprint']}")
     elif args.cmd == "merge":
-        model, adapter = Transformer.from_pretrained(args.model), Adapter.load(args.adapter)
+        adapter = Adapter.load(args.adapter)  # a bad file fails before the model loads
+        model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         with merged(model, adapter):
             save_folder(model, args.model, args.out)
         print(f"{args.out} | {len(adapter.params) // 2} matrices merged from {args.adapter} (scale {adapter.scale:g})")
@@ -236,4 +246,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -8,7 +8,7 @@ one safetensors file per matrix, so a run that is killed keeps what it finished.
 
 Targets: "mlp" (gate/up/down of every layer; the paper's default), "qv" (q/v: the paper's attention
 ablation), "attn" (q/k/v/o), "all";
-optionally a layer subset (a list of indices, or "half"). Norms, embeddings and lm_head never.
+optionally a layer subset (a list of indices, "half" = every other layer, or "top" = the upper half). Norms, embeddings and lm_head never.
 
 Layout (outside git): $T2_CACHE or ~/.cache/transformer2, then
     svd/<fingerprint>/<parameter name>.safetensors    tensors U, S, Vh + metadata
@@ -219,7 +219,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/smollm2-135m-instruct", help="HF-layout folder")
     p.add_argument("--targets", default="mlp", type=targets_type, help=TARGETS_HELP)
-    p.add_argument("--layers", default=None, help='"half", or comma-separated indices (default: all)')
+    p.add_argument("--layers", default=None, help='"half", "top", or comma-separated indices (default: all)')
     p.add_argument("--root", default=None, help="cache root (default $T2_CACHE or ~/.cache/transformer2)")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     cli.add_device_args(p)

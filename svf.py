@@ -388,7 +388,7 @@ def main(argv=None):
     i.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
     i.add_argument("--out", required=True, help="expert .safetensors to write")
     i.add_argument("--targets", default="mlp", type=svd_cache.targets_type, help=svd_cache.TARGETS_HELP)
-    i.add_argument("--layers", default=None, help='"half" or comma-separated indices (default: all)')
+    i.add_argument("--layers", default=None, help='"half", "top" or comma-separated indices (default: all)')
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--raw", action="store_true", help="z = θ instead of sigmoid(θ)")
     i.add_argument("--no-rescale", action="store_true", help="drop the Σσ/Σ(σ⊙z) rescale")

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors import safe_open
 
+import cli
 import generate
 import lora
 import svd_cache
@@ -236,6 +237,22 @@ def test_cli_init_and_merge(tmp_path, capsys):
             assert torch.equal(out.state_dict()[k], v), k
     assert not torch.equal(out.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
+
+
+def test_cli_bad_adapter_file_is_one_line(tmp_path, capsys):
+    src = tiny_folder(tmp_path / "base")
+    bad = tmp_path / "a.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # a truncated safetensors header
+    with pytest.raises(SystemExit) as e:  # lora.py's __main__ is cli.run(main)
+        cli.run(lora.main, ["merge", "--model", str(src), "--adapter", str(bad), "--out", str(tmp_path / "m"),
+                            "--device", "cpu", "--dtype", "fp32"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {bad}: cannot read safetensors") and err.count("\n") == 1, err
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(SystemExit) as e:
+        cli.run(lora.main, ["merge", "--model", str(src), "--adapter", str(tmp_path / "gone.safetensors"),
+                            "--out", str(tmp_path / "m")])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path}/gone.safetensors: no such adapter file\n"
 
 # ----------------------------------------------------------------------------- the SFT loss's prompt mask
 
