@@ -19,7 +19,7 @@ With the shipped ones:
     E="--experts math=$X/math.safetensors code=$X/code.safetensors reasoning=$X/reasoning.safetensors"
 
 One prompt: merged weights, prints category, expert, answer and both passes' times:
-    python dispatch.py "Write a function that reverses a linked list." --model $M $E   # prompt first: --experts takes every word after it
+    python dispatch.py "Write a function that reverses a linked list." --model $M $E   # the question first
 A whole task: accuracy (95% CI), dispatch confusion matrix (rows true, columns predicted),
 pass-1 / pass-2 seconds (paper Table 3), with --compare-base a McNemar test vs the base, and with
 --time-merged the time of pass 2 done the official way (one weight merge per category group) against
@@ -82,11 +82,13 @@ def get_args(argv=None):
     cli.add_device_args(p)
     args = p.parse_args(argv)
     # flags that cannot work together are usage errors, before anything is loaded
-    if bool(args.prompt) == bool(args.task):
-        p.error("give either one prompt or --task NAME")
     bad = [s for s in args.experts if "=" not in s or s.split("=", 1)[0] not in EXPERT_CATEGORIES]
+    if bad and not args.prompt and not args.task and bad[-1] == args.experts[-1] and "=" not in bad[-1]:
+        p.error(f"--experts swallowed {bad[-1]!r}: put the question before the flags (dispatch.py \"...\" --experts ...)")
     if bad:
         p.error(f"--experts takes CAT=FILE with CAT in {', '.join(EXPERT_CATEGORIES)}; got {bad[0]!r}")
+    if bool(args.prompt) == bool(args.task):
+        p.error("give either one prompt or --task NAME")
     args.experts = dict(s.split("=", 1) for s in args.experts)
     if args.strategy == "fewshot" and not args.alpha:
         p.error("--strategy fewshot needs --alpha FILE (cem.py's alpha.json)")

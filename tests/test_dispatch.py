@@ -178,6 +178,11 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
     assert code == 2 and "error: --strategy cls needs --cls-expert FILE" in err
     code, err = run_cli(["--task", "nosuchtask", "--classify-only"], capsys)
     assert code == 2 and err.startswith("error: unknown task 'nosuchtask'")
+    # a question after --experts (nargs *) is read as one more expert: say so rather than "no prompt"
+    code, err = run_cli(["--model", str(tmp_path), "--experts", *files, "Reverse a string."], capsys)
+    assert code == 2 and "error: --experts swallowed 'Reverse a string.': put the question before the flags" in err
+    code, err = run_cli(["--task", "math", "--experts", "math"], capsys)
+    assert code == 2 and "error: --experts takes CAT=FILE" in err
 
 
 def test_experts_with_mixed_rescale_flags_are_refused(tiny_run, capsys):
