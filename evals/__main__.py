@@ -22,15 +22,15 @@ import time
 from pathlib import Path
 
 import cli
-from evals import get_task
+from evals import TASKS, get_task
 from evals.common import answer, discordant, fmt_acc, format_counts, mcnemar, paired, read_jsonl, render_prompt, write_jsonl
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # what to do
-    ap.add_argument("--task", help="gsm8k | math | mbpp | humaneval | arc_easy | arc_challenge "
-                                    "| arc_easy_direct | arc_challenge_direct (letter only)")
+    ap.add_argument("--task", help=" | ".join(TASKS) + " (arc_*_direct: letter only; cls: routing labels; "
+                                    "*vqa: a LLaVA --model)")
     ap.add_argument("--model", help="model folder (config.json, tokenizer, safetensors)")
     ap.add_argument("--score", metavar="FILE", help="score completions from a JSONL file instead of generating")
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired McNemar test of two per-item files")
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     # generation
     ap.add_argument("--expert", default=None, help="SVF expert file (z vectors), or a LoRA adapter file (lora.py), applied during generation")
     ap.add_argument("--slots", type=int, default=64,
-                    help="sequences decoded together (continuous batching; 64 is the CPU throughput knee, docs/RESULTS.md)")
+                    help="sequences decoded together (continuous batching: larger decode batches, more KV-cache memory)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)

@@ -8,6 +8,8 @@ Data sources, in the order a loader tries them (SPEC §3, shared/OFFLINE.md "Dat
   2. when those are missing and the machine is online, the canonical file is downloaded once into
      `cache/` (git-ignored) and read from there;
   3. otherwise one error that names what is missing.
+The VQA tasks (evals/vqa.py) differ: easy_vqa reads the `easy-vqa` package, okvqa only its files under
+the data directory, textvqa downloads its annotations but not its images; each says what is missing.
 
 Statistics: `wilson` (95% interval of an accuracy), `mcnemar` (paired exact test of two runs
 over the same items), `fmt_acc` ("41.2% [38.1, 44.3] (n=500)").

@@ -91,7 +91,7 @@ write(fd, nonce.encode())
 @dataclass
 class Result:
     passed: bool
-    status: str        # "passed", "failed: <last stderr line>", "timed out", "early exit (rc=0)", ...
+    status: str        # "passed", "failed (rc=N): <last stderr line>", "timed out", "early exit (rc=0, ...)", ...
     seconds: float
 
 
