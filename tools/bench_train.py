@@ -15,6 +15,7 @@ backward) and rollouts per hour. Run it alone on the machine (2 jobs on 2 cores 
 
     make bench-train      # Qwen2.5-Coder-0.5B, 16 questions x 4 samples, T=0.7, <= 256 tokens, 64 slots
     python tools/bench_train.py --model checkpoints/qwen2.5-coder-0.5b-instruct --questions 16 --samples 4
+    python tools/bench_train.py --sweep-slots 8,16,32,64,128    # (d) alone: where more slots stop paying
 """
 import argparse
 import json
@@ -61,6 +62,39 @@ def timed(fn):
     t0 = time.perf_counter()
     r = fn()
     return r, time.perf_counter() - t0
+
+
+def decode_tok_s(model, B, ctx, n_steps):
+    """Tokens per second of `n_steps` plain decode steps (forward + lm_head) of B rows at context ctx."""
+    cache = KVCache(model.config, B, ctx + n_steps + 1, torch.float32, "cpu")
+    with torch.inference_mode():
+        model.hidden(torch.randint(100, 1000, (B, ctx)), None, cache)
+        x = torch.randint(100, 1000, (B, 1))
+
+        def steps():
+            for i in range(n_steps):
+                model.lm_head(model.hidden(x, torch.full((B, 1), ctx + i), cache)[:, -1])
+        _, t = timed(steps)
+    return B * n_steps / t
+
+
+def sweep_slots(args):
+    """(d) alone at several batch sizes: where adding slots stops buying tokens per second."""
+    model = Transformer.from_pretrained(args.model)
+    c = model.config
+    ctx = args.context
+    print(f"{Path(args.model).name} | pure decode, context {ctx}, {args.decode_steps} steps | "
+          f"threads {torch.get_num_threads()} | fp32")
+    print("| slots | tok/s | vs the previous row | KV cache (MB) |\n|---|---|---|---|")
+    res, prev = [], None
+    for B in args.sweep_slots:
+        tok_s = decode_tok_s(model, B, ctx, args.decode_steps)
+        kv_mb = 2 * c.num_hidden_layers * B * (ctx + args.max_new_tokens) * c.num_key_value_heads * c.head_dim * 4 / 2**20
+        print(f"| {B} | {tok_s:.1f} | {'' if prev is None else f'{tok_s / prev:.2f}x'} | {kv_mb:.0f} |", flush=True)
+        res.append(dict(slots=B, tok_s=tok_s, kv_mb=kv_mb))
+        prev = tok_s
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(context=ctx, steps=args.decode_steps, rows=res), indent=1))
 
 
 def bench(args):
@@ -117,17 +151,8 @@ def bench(args):
     # (d) the decode ceiling at the same number of slots
     B = min(args.slots, R)
     ctx = T + args.max_new_tokens // 2  # a mid-answer context length
-    cache = KVCache(model.config, B, ctx + args.decode_steps + 1, torch.float32, "cpu")
-    with torch.inference_mode():
-        model.hidden(torch.randint(100, 1000, (B, ctx)), None, cache)
-        x = torch.randint(100, 1000, (B, 1))
-
-        def steps():
-            for i in range(args.decode_steps):
-                model.lm_head(model.hidden(x, torch.full((B, 1), ctx + i), cache)[:, -1])
-        _, t = timed(steps)
-    res["ceiling"] = dict(tok_s=B * args.decode_steps / t, batch=B, context=ctx)
-    print(f"(d) pure decode, batch {B}, context {ctx}: {B * args.decode_steps / t:.1f} tok/s", flush=True)
+    res["ceiling"] = dict(tok_s=decode_tok_s(model, B, ctx, args.decode_steps), batch=B, context=ctx)
+    print(f"(d) pure decode, batch {B}, context {ctx}: {res['ceiling']['tok_s']:.1f} tok/s", flush=True)
 
     # the backward of the update on the engine's answers
     e, a, b, c = (res[k]["tok_s"] for k in ("engine", "static", "transformers", "ceiling"))
@@ -187,9 +212,12 @@ def main():
     p.add_argument("--backward-questions", type=int, default=4, help="questions (all samples) in the backward comparison")
     p.add_argument("--out", default=None, help="write the numbers as JSON")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sweep-slots", type=lambda s: [int(x) for x in s.split(",")], default=None, metavar="N,N,...",
+                   help="only (d), at each of these batch sizes (e.g. 8,16,32,64,128): how many slots pay")
+    p.add_argument("--context", type=int, default=277, help="--sweep-slots: context length of the decode steps")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    bench(args)
+    sweep_slots(args) if args.sweep_slots else bench(args)
 
 
 if __name__ == "__main__":
