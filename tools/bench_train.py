@@ -68,8 +68,9 @@ def decode_tok_s(model, B, ctx, n_steps):
     """Tokens per second of `n_steps` plain decode steps (forward + lm_head) of B rows at context ctx."""
     cache = KVCache(model.config, B, ctx + n_steps + 1, torch.float32, "cpu")
     with torch.inference_mode():
-        model.hidden(torch.randint(100, 1000, (B, ctx)), None, cache)
-        x = torch.randint(100, 1000, (B, 1))
+        V = model.config.vocab_size  # random tokens: the step's cost does not depend on which
+        model.hidden(torch.randint(0, V, (B, ctx)), None, cache)
+        x = torch.randint(0, V, (B, 1))
 
         def steps():
             for i in range(n_steps):
@@ -89,7 +90,7 @@ def sweep_slots(args):
     res, prev = [], None
     for B in args.sweep_slots:
         tok_s = decode_tok_s(model, B, ctx, args.decode_steps)
-        kv_mb = 2 * c.num_hidden_layers * B * (ctx + args.max_new_tokens) * c.num_key_value_heads * c.head_dim * 4 / 2**20
+        kv_mb = 2 * c.num_hidden_layers * B * (ctx + args.max_new_tokens) * c.num_key_value_heads * c.head_dim * 4 / 2**20  # k and v, fp32
         print(f"| {B} | {tok_s:.1f} | {'' if prev is None else f'{tok_s / prev:.2f}x'} | {kv_mb:.0f} |", flush=True)
         res.append(dict(slots=B, tok_s=tok_s, kv_mb=kv_mb))
         prev = tok_s
