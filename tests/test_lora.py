@@ -238,7 +238,6 @@ def test_cli_init_and_merge(tmp_path, capsys):
     assert not torch.equal(out.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
 
 
-
 def test_cli_bad_adapter_file_is_one_line(tmp_path, capsys):
     src = tiny_folder(tmp_path / "base")
     bad = tmp_path / "a.safetensors"
@@ -253,6 +252,7 @@ def test_cli_bad_adapter_file_is_one_line(tmp_path, capsys):
         cli.run(lora.main, ["merge", "--model", str(src), "--adapter", str(tmp_path / "gone.safetensors"),
                             "--out", str(tmp_path / "m")])
     assert e.value.code == 2 and capsys.readouterr().err == f"error: {tmp_path}/gone.safetensors: no such adapter file\n"
+
 
 # ----------------------------------------------------------------------------- the SFT loss's prompt mask
 

@@ -218,7 +218,10 @@ def main():
     p.add_argument("--context", type=int, default=277, help="--sweep-slots: context length of the decode steps")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    sweep_slots(args) if args.sweep_slots else bench(args)
+    if args.sweep_slots:
+        sweep_slots(args)
+    else:
+        bench(args)
 
 
 if __name__ == "__main__":
