@@ -9,13 +9,22 @@ svf.py, svd_cache.py) uses these things and nothing else from here:
   init_distributed(device)   join torchrun's process group; world() is (rank, world size), (0, 1) alone.
   all_reduce(t)              sum (or max) a tensor over ranks wherever it lives: NCCL only reduces
                              CUDA tensors, so a CPU tensor makes a round trip through the GPU.
+  atomic_write(path)         a context manager giving a temp path beside `path`; on success it replaces
+                             `path` in one step, so a kill leaves the old file or the new one, never half.
+  positive_int, nonneg_int, probability, finite_float
+                             argparse types: a bad count or ratio is refused where it is parsed, naming the flag.
+  refuse_existing(path, flag) a command that would overwrite an existing output stops and says which flag goes on.
   run(main, args)            expected failures (a missing, corrupt or mismatched file, an unknown
                              task or model type) print `error: <file>: <what is wrong>` and exit 2;
                              real bugs keep their traceback. T2_DEBUG=1 shows every traceback.
 """
+import argparse
+import contextlib
 import json
+import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -72,6 +81,54 @@ def all_reduce(t, op=dist.ReduceOp.SUM):
     else:
         dist.all_reduce(t, op=op)
     return t
+
+
+# -----------------------------------------------------------------------------
+# Files written whole, outputs never overwritten by accident
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Yields a temp path in `path`'s folder; when the block ends without an error the temp file
+    replaces `path` (os.replace is atomic on one filesystem), otherwise it is removed.
+        with atomic_write(out) as tmp: torch.save(state, tmp)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def refuse_existing(path, flag="--force"):
+    """Stop before a command overwrites an existing file or a non-empty folder."""
+    path = Path(path)
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise FileExistsError(f"{path}: already exists; pick another output or pass {flag} to go on")
+
+
+# -----------------------------------------------------------------------------
+# Arguments checked where they are parsed (argparse names the flag in its one-line error)
+
+def _number(kind, ok, what):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+    parse.__name__ = what  # argparse shows the type's name in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+finite_float = _number(float, lambda v: True, "a finite number")
+nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 
 
 # -----------------------------------------------------------------------------

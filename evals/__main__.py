@@ -6,7 +6,7 @@
     python -m evals --task humaneval --score samples.jsonl --out results.jsonl   # no model needed
     python -m evals --compare runs/base.jsonl runs/expert.jsonl                  # paired McNemar test
 
-Per-item output lines: {"id", "prompt", "completion", "extracted", "gold", "cut", "correct"}; the summary line
+Per-item output lines: {"id", "prompt", "completion", "extracted", "gold", "cut", "tokens", "correct"}; the summary line
 gives accuracy with a 95% Wilson interval and the format apart from it: how many answers had a final
 answer (answered), how many ran into the token cap (cut), and the accuracy among the finished ones. `--score FILE` reads JSONL lines with native `id`
 and `completion` and writes {"id", "correct"} per line, in input order (ids may repeat). Native ids:
@@ -36,7 +36,8 @@ def parse_args(argv=None):
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired McNemar test of two per-item files")
     # data
     ap.add_argument("--split", default="test")
-    ap.add_argument("--limit", type=int, default=None, help="first N items of the split")
+    ap.add_argument("--limit", type=int, default=None, help="first N items of the split (after --offset)")
+    ap.add_argument("--offset", type=int, default=0, help="skip the split's first N items (to extend a --limit run)")
     ap.add_argument("--data-dir", default=None, help="default: $T2_DATA, else ../shared/data")
     ap.add_argument("--official-extract", action="store_true",
                     help="the official code's extraction quirks (GSM8K digit regex, ARC random guess)")
@@ -46,6 +47,7 @@ def parse_args(argv=None):
                     help="sequences decoded together (continuous batching; 128 decodes 5-9%% faster than 64 for twice the KV memory: docs/RESULTS.md)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--system", default=None, help="a system prompt in place of the task's own (a prompt control)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (use 1 per process when several jobs share the cores)")
@@ -121,9 +123,10 @@ def read_partial(path, run):
 def evaluate(args, task):
     """Generate, check, summarise. With --out, answers are saved to OUT.partial as they finish: a
     killed run, started again with the same command, generates only what is missing."""
-    items = task.load(args.split, data_dir=args.data_dir)[:args.limit]
+    items = task.load(args.split, data_dir=args.data_dir)[args.offset:][:args.limit]
     run = {k: getattr(args, k) for k in ("task", "split", "limit", "model", "expert", "max_new_tokens",
                                          "temperature", "seed", "data_dir")}
+    run.update({k: getattr(args, k) for k in ("offset", "system") if getattr(args, k)})  # old files stay valid
     partial = Path(args.out + ".partial") if args.out else None
     done, before = read_partial(partial, run) if partial else ({}, 0.0)
     todo = [i for i in range(len(items)) if i not in done]
@@ -150,7 +153,8 @@ def evaluate(args, task):
     for r, ok in zip(records, correct):
         r.update(extracted=task.extract(r["completion"]), correct=ok)
     rows = [{"id": it["id"], "prompt": r["prompt"], "completion": r["completion"], "extracted": r["extracted"],
-             "gold": it["gold"], "cut": r["cut"], "correct": r["correct"]} for it, r in zip(items, records)]
+             "gold": it["gold"], "cut": r["cut"], "tokens": len(r["ids"]), "correct": r["correct"]}
+            for it, r in zip(items, records)]
     if args.out:
         write_jsonl(args.out, rows)
         partial.unlink(missing_ok=True)
@@ -198,6 +202,8 @@ def main(args):
     task = get_task(args.task)
     if args.official_extract:
         task = dataclasses.replace(task, official=True)
+    if args.system:
+        task = dataclasses.replace(task, system=args.system)
     if task.note:
         print(f"note: {task.note}")
     if args.score:

@@ -145,6 +145,7 @@ class Task:
     official: bool = False  # reproduce the official code's quirks (see each task's docstring)
     note: str = ""          # which documented substitute the offline splits use, printed by runners
     images: bool = False    # items carry an image (VQA): prompts need a LLaVA checkpoint (vlm.py)
+    system: str = ""        # replaces the task's system prompt (`--system`, e.g. a prompt control)
 
     def load(self, split: str, data_dir=None) -> list[dict]:
         raise NotImplementedError
@@ -185,7 +186,10 @@ def check_code(task: Task, items: list[dict], completions: list[str], program) -
 
 def render_prompt(tokenizer, task: Task, item: dict) -> str:
     """The text the model continues: its own chat template, then the task's prefill."""
-    return tokenizer.apply_chat_template(task.messages(item), add_generation_prompt=True) + task.prefill
+    messages = task.messages(item)
+    if task.system:  # one system turn with the given text in place of the task's own
+        messages = [{"role": "system", "content": task.system}] + [m for m in messages if m["role"] != "system"]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True) + task.prefill
 
 
 def answer(model, tokenizer, task: Task, items: list[dict], *, samples=1, temperature=0.0, top_p=1.0, seed=0,
