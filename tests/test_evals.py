@@ -25,7 +25,7 @@ SIZES = {("gsm8k", "train"): 3737, ("gsm8k", "valid"): 3736, ("gsm8k", "test"): 
          ("arc_challenge", "valid"): 299, ("arc_challenge", "test"): 1172}
 
 
-BENCHMARKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_easy", "arc_challenge")  # SPEC §3 (TASKS may hold more)
+BENCHMARKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_easy", "arc_challenge")  # docs/PAPER.md §3 (TASKS may hold more)
 
 
 @pytest.fixture(scope="module")
