@@ -1,5 +1,5 @@
 """Few-shot self-adaptation: search mixing weights α over trained experts with CEM (paper §3.3,
-SPEC.md §4).
+docs/PAPER.md §4).
 
 Given K experts z_1..z_K (from reinforce.py) and a handful of held-out examples ("shots") of a
 new task, find α so that the mixed vector z′ = Σ_k α_k·z_k answers the shots best:

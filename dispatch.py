@@ -1,4 +1,4 @@
-"""Two-pass inference (Transformer² paper §3.3, SPEC §4): pass 1 picks z′, pass 2 answers with W′(z′).
+"""Two-pass inference (Transformer² paper §3.3, docs/PAPER.md §4): pass 1 picks z′, pass 2 answers with W′(z′).
 
 Strategies for pass 1:
   prompt    the base model labels the question code / math / reasoning / other inside \\boxed{}

@@ -1,6 +1,6 @@
 """LoRA, the baseline of paper Table 4: a trainable low-rank update beside chosen weight matrices.
 
-Hu et al. 2021 (arXiv 2106.09685); SPEC §5. For a target W (m×n), A (r×n) and B (m×r):
+Hu et al. 2021 (arXiv 2106.09685); docs/PAPER.md §5. For a target W (m×n), A (r×n) and B (m×r):
 
     y = W·x + (alpha/r)·B·A·dropout(x)       A Kaiming-uniform, B = 0: training starts at the base model
 

@@ -1,4 +1,4 @@
-"""Train an SVF expert with REINFORCE (Transformer² paper §3.2, SPEC.md §2).
+"""Train an SVF expert with REINFORCE (Transformer² paper §3.2, docs/PAPER.md §2).
 
 One update:
   1. draw a batch of training prompts (without replacement, epoch by epoch; --shuffle-options
@@ -23,7 +23,7 @@ The same loop trains the baselines of paper Table 4: --adapter lora (lora.py's A
 e.g. qv, instead of SVF's θ) and --objective sft (the next-token loss on the task's reference
 solutions, teacher-forced, instead of rollouts and rewards); validation and checkpoints are shared.
 
-Why this file is past STYLE.md's 250–350 lines: it is the whole training concept in one place, the
+Why this file is past docs/STYLE.md's 250–350 lines: it is the whole training concept in one place, the
 RL loop (rollout -> reward -> advantage -> policy loss + KL -> all-reduce -> step), its SFT baseline
 objective (sft_update), the SVF/LoRA switch (use, merged) and the run around them (sharding over
 ranks, validation with paired tests, exact resume). Each piece is short; splitting one out would send

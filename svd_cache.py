@@ -1,6 +1,6 @@
 """SVD cache: decompose the adapted weight matrices of a model once, W = U·diag(S)·Vh.
 
-SPEC §1 / paper §3.1 (arXiv 2501.06252). SVF learns one scale per singular value of every
+docs/PAPER.md §1 / paper §3.1 (arXiv 2501.06252). SVF learns one scale per singular value of every
 adapted matrix, so each matrix is decomposed once with the reduced SVD
 (`torch.linalg.svd(W, full_matrices=False)`, r = min(m, n)) and stored in float32. The official code decomposes every
 non-norm matrix of the model into one 43 GB `.pt` file; here only the target matrices are done,
@@ -130,7 +130,7 @@ METHOD = "svd-float64-stored-float32"  # in each file's metadata; bump when deco
 
 
 def decompose(W):
-    """Reduced SVD, stored in float32 (SPEC §1) but computed in float64: the float32 LAPACK result
+    """Reduced SVD, stored in float32 (docs/PAPER.md §1) but computed in float64: the float32 LAPACK result
     reconstructs W only to ~1e-6 relative, which over SmolLM2's 90 MLP matrices moves the logits
     by 2.8e-4 at uniform z; float64 then rounding gives 7.9e-5, for ~1.8x the time.
     LAPACK is also 4-10x faster on tall matrices than on wide ones (896x4864: 4 s transposed vs

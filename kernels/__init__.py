@@ -1,1 +1,1 @@
-"""Triton kernels, one file per kernel (see STYLE.md, Kernels)."""
+"""Triton kernels, one file per kernel (see docs/STYLE.md, Kernels)."""

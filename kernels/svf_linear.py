@@ -1,6 +1,6 @@
 """SVF linear layer as two Triton matmuls: y = x·(U·diag(S⊙z)·Vh)ᵀ without ever forming W′.
 
-SPEC.md §1 / paper §3.1 (arXiv 2501.06252): an SVF-adapted weight is W′ = U·diag(σ⊙z)·Vᵀ. The
+docs/PAPER.md §1 / paper §3.1 (arXiv 2501.06252): an SVF-adapted weight is W′ = U·diag(σ⊙z)·Vᵀ. The
 official code rebuilds W′ (m×n) every step and backpropagates a full-size dL/dW′. Here the layer
 is applied in factored form, one GEMM per factor:
 
@@ -159,7 +159,7 @@ class _SVFLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = _scaled_matmul(ga, Vh, s, T).view(B, T, Vh.shape[1])  # (B, T, n)  dx = (ga ⊙ s)·Vh
         if ctx.needs_input_grad[4]:
-            # dL/ds[b] = Σ_{t in b} ga ⊙ a  and  s = S⊙z  =>  dL/dz[b] = S ⊙ dL/ds[b]   (SPEC §1)
+            # dL/ds[b] = Σ_{t in b} ga ⊙ a  and  s = S⊙z  =>  dL/dz[b] = S ⊙ dL/ds[b]   (docs/PAPER.md §1)
             ds = (ga.float() * a.float()).view(B, T, r).sum(1)  # (B, r)
             dz = ds * S.float()  # (B, r); a shared z (r,) sums over the batch
             dz = (dz if z.dim() == 2 else dz.sum(0)).to(z.dtype)
@@ -171,7 +171,7 @@ def svf_linear(x, U, S, Vh, z):
 
     x (B, T, n) and U (m, r), Vh (r, n) share a dtype (fp32/fp16/bf16; fp16/bf16 accumulate in
     fp32); S (r,) and z (r,) or (B, r) are any float dtype (the product σ⊙z is taken in fp32).
-    Gradients flow to x and z only: U, S, Vh are the frozen SVD of the base weight (SPEC §1).
+    Gradients flow to x and z only: U, S, Vh are the frozen SVD of the base weight (docs/PAPER.md §1).
     Needs a CUDA tensor, or CPU tensors with TRITON_INTERPRET=1 set before this module's import.
     """
     if x.dim() != 3:

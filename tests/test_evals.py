@@ -25,7 +25,7 @@ SIZES = {("gsm8k", "train"): 3737, ("gsm8k", "valid"): 3736, ("gsm8k", "test"): 
          ("arc_challenge", "valid"): 299, ("arc_challenge", "test"): 1172}
 
 
-BENCHMARKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_easy", "arc_challenge")  # SPEC §3 (TASKS may hold more)
+BENCHMARKS = ("gsm8k", "math", "mbpp", "humaneval", "arc_easy", "arc_challenge")  # docs/PAPER.md §3 (TASKS may hold more)
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +106,49 @@ def test_get_task_and_bad_split():
         get_task("math").load("train")
 
 
-def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
+def no_network(monkeypatch):
     import urllib.request
 
     def offline(*a, **k):
         raise OSError("no network")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
+
+
+def test_missing_data_is_one_clear_error(tmp_path, monkeypatch):
+    """No T2_DATA, an empty cache, no network: one line that says how to point the loader at the files;
+    with T2_DATA set to a folder holding them, the same call loads."""
+    no_network(monkeypatch)
+    monkeypatch.delenv("T2_DATA", raising=False)
     monkeypatch.setattr("evals.common.CACHE", tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="GSM8K test .*not found offline.*no network"):
-        get_task("gsm8k").load("test", data_dir=tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        get_task("gsm8k").load("test")
+    msg = str(e.value)
+    assert "\n" not in msg and re.search("GSM8K test .*not found offline.*no network", msg), msg
+    assert "T2_DATA=DIR" in msg and "--data-dir DIR" in msg and "gsm8k/test.jsonl" in msg, msg
+    assert str(tmp_path / "cache") in msg  # it names where it looked
+    data = tmp_path / "data"
+    (data / "gsm8k").mkdir(parents=True)
+    (data / "gsm8k" / "test.jsonl").write_text(json.dumps({"question": "1 + 1?", "answer": "#### 2"}) + "\n")
+    monkeypatch.setenv("T2_DATA", str(data))
+    assert [it["gold"] for it in get_task("gsm8k").load("test")] == ["2"]
+
+
+def test_fetched_data_is_found_offline_next_time(tmp_path, monkeypatch):
+    """The default data directory is the cache the online fetch fills: fetched once, read offline after."""
+    import io
+    import urllib.request
+
+    from evals.common import find_data_dir
+    monkeypatch.delenv("T2_DATA", raising=False)
+    monkeypatch.setattr("evals.common.CACHE", tmp_path / "cache")
+    assert find_data_dir() == tmp_path / "cache"
+    row = json.dumps({"question": "2 + 2?", "answer": "#### 4"}).encode() + b"\n"
+    urls = []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: urls.append(url) or io.BytesIO(row))
+    assert get_task("gsm8k").load("test")[0]["gold"] == "4"
+    assert urls[0].endswith("/test.jsonl") and (tmp_path / "cache" / "gsm8k" / "test.jsonl").exists()
+    no_network(monkeypatch)
+    assert get_task("gsm8k").load("test")[0]["gold"] == "4"  # offline now: from cache/gsm8k/test.jsonl
 
 
 def test_data_dir_override(tmp_path, monkeypatch):
@@ -124,6 +158,19 @@ def test_data_dir_override(tmp_path, monkeypatch):
     assert get_task("gsm8k").load("test", data_dir=tmp_path)[0]["gold"] == "-3"
     monkeypatch.setenv("T2_DATA", str(tmp_path))
     assert len(get_task("gsm8k").load("test")) == 1
+
+
+def test_no_project_file_names_a_folder_outside_the_repo():
+    """A clone must work alone: only CI's own setup (.ci/run) may name a data folder beside the repo."""
+    root = Path(__file__).resolve().parents[1]
+    outside = re.compile(r"\.\./shared|shared/(?:data|SPEC|STYLE|OFFLINE)")
+    skip = {".venv", "checkpoints", "runs", "cache", ".git"}
+    files = [p for p in root.rglob("*") if p.is_file() and not skip & set(p.relative_to(root).parts)
+             and (p.suffix in (".py", ".md", ".txt", ".cfg", ".toml") or p.name == "Makefile")
+             and p.relative_to(root).parts[:2] != ("docs", "runs")]
+    bad = [f"{p.relative_to(root)}:{i}" for p in files
+           for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    assert not bad, f"names a folder outside the repo: {bad}"
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -1,4 +1,4 @@
-"""kernels/svf_linear.py against independent references (STYLE.md, Tests).
+"""kernels/svf_linear.py against independent references (docs/STYLE.md, Tests).
 
 On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py): fp32 and fp16 only, small
 odd shapes so every tile edge is masked. bf16 needs a GPU (the interpreter's bf16 tl.dot is wrong).

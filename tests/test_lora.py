@@ -38,7 +38,7 @@ def test_targets_and_the_papers_parameter_counts():
     assert len(lora.target_names(model, "qv,mlp")) == 4 * 5 and len(lora.target_names(model, "all")) == 4 * 7
     with pytest.raises(ValueError, match="unknown target 'qkv'"):
         lora.target_names(model, "qkv")
-    # Llama-3-8B (32 layers, C 4096, 8 KV heads of 128, MLP 14336), shapes only: SPEC §5's 6.82M and 35.13M
+    # Llama-3-8B (32 layers, C 4096, 8 KV heads of 128, MLP 14336), shapes only: docs/PAPER.md §5's 6.82M and 35.13M
     cfg = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                       layer_windows=[None] * 32)

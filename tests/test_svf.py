@@ -195,7 +195,7 @@ def test_gradcheck_factored_vs_materialised():
 
 @pytest.mark.parametrize("per_sequence", [False, True])
 def test_closed_form_dz(per_sequence):
-    """SPEC §1: dL/dz_i = s·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z), summed over the tokens of each z."""
+    """docs/PAPER.md §1: dL/dz_i = s·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z), summed over the tokens of each z."""
     lin, mod, (U, S, Vh) = single_linear()
     B, T = 2, 4
     x = torch.randn(B, T, 5, dtype=torch.float64)

@@ -1,7 +1,7 @@
 """vlm.py against transformers' LLaVA / LLaVA-NeXT classes and image processors.
 
 Models: tiny random configs saved by transformers (no pretrained VLM ships offline; see
-shared/OFFLINE.md). Images: scikit-image's public-domain photos and easy-vqa's images.
+docs/DATA.md). Images: scikit-image's public-domain photos and easy-vqa's images.
 """
 import json
 import shutil

