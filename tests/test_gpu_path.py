@@ -153,3 +153,87 @@ def test_no_chat_template_names_the_places(hf_tokenizer, tmp_path):
     hf.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no chat template.*chat_template.jinja"):
         Tokenizer(tmp_path).apply_chat_template(CHATS[0])
+
+
+# -----------------------------------------------------------------------------
+# Hub downloads: exactly the HF-layout files, and the hub's real reason when it refuses
+
+# The files of three paper-model repos as the hub lists them (main branch, 2025)
+HUB_REPOS = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": [
+        ".gitattributes", "LICENSE", "README.md", "USE_POLICY.md", "config.json", "generation_config.json",
+        "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors", "model-00003-of-00004.safetensors",
+        "model-00004-of-00004.safetensors", "model.safetensors.index.json", "original/consolidated.00.pth",
+        "original/params.json", "original/tokenizer.model", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer_config.json"],
+    "mistralai/Mistral-7B-Instruct-v0.3": [
+        ".gitattributes", "README.md", "config.json", "consolidated.safetensors", "generation_config.json",
+        "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json", "params.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer.model", "tokenizer.model.v3", "tokenizer_config.json"],
+    "llava-hf/llava-v1.6-mistral-7b-hf": [
+        ".gitattributes", "README.md", "added_tokens.json", "chat_template.json", "config.json",
+        "generation_config.json", "model-00001-of-00004.safetensors", "model-00002-of-00004.safetensors",
+        "model-00003-of-00004.safetensors", "model-00004-of-00004.safetensors", "model.safetensors.index.json",
+        "preprocessor_config.json", "processor_config.json", "special_tokens_map.json", "tokenizer.json",
+        "tokenizer.model", "tokenizer_config.json"],
+}
+NEEDED = {"config.json", "generation_config.json", "model.safetensors.index.json", "special_tokens_map.json",
+          "tokenizer.json", "tokenizer_config.json"}
+
+
+@pytest.mark.parametrize("repo", sorted(HUB_REPOS))
+def test_hub_download_fetches_exactly_the_hf_layout(repo):
+    """snapshot_download filters the repo's files with filter_repo_objects(allow_patterns=HUB_FILES)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from model import HUB_FILES
+    files = HUB_REPOS[repo]
+    got = set(filter_repo_objects(files, allow_patterns=list(HUB_FILES)))
+    shards = {f for f in files if f.startswith("model-")}
+    extra = {"chat_template.json", "preprocessor_config.json"} if "llava" in repo else set()
+    assert got == NEEDED | shards | extra  # no consolidated.safetensors, original/*, params.json, README
+
+
+def hub_error(cls, status, message):
+    """An HTTP error as huggingface_hub raises it, with a response of its own HTTP library (httpx or
+    httpx2, depending on the version)."""
+    import importlib
+
+    from huggingface_hub import errors
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])
+    request = http.Request("GET", "https://huggingface.co/api/models/x/y/revision/main")
+    return cls(message, response=http.Response(status, request=request))
+
+
+@pytest.mark.parametrize("make_error,expected", [
+    (lambda e: hub_error(e.GatedRepoError, 403, "403 Client Error.\nCannot access gated repo for url https://"
+                         "huggingface.co/api/models/meta-llama/Meta-Llama-3-8B-Instruct.\nAccess to model "
+                         "meta-llama/Meta-Llama-3-8B-Instruct is restricted."),
+     r"gated repository: accept its license at https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct.*"
+     r"GatedRepoError: Access to model meta-llama/Meta-Llama-3-8B-Instruct is restricted"),
+    (lambda e: hub_error(e.RepositoryNotFoundError, 401, "401 Client Error.\nRepository Not Found for url: x.\n"
+                         "Invalid username or password."),
+     r"no such repository on the hub, or a private one and you are not logged in \(RepositoryNotFoundError: "
+     r"Invalid username or password.\)"),
+    (lambda e: e.LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub and we "
+                                         "cannot find the appropriate snapshot folder in the local cache."),
+     r"not in the local hub cache and the hub is unreachable"),
+    (lambda e: hub_error(e.HfHubHTTPError, 500, "500 Server Error: Internal Server Error"),
+     r"the hub download failed \(HfHubHTTPError: 500 Server Error"),
+])
+def test_hub_errors_say_why(monkeypatch, make_error, expected):
+    import huggingface_hub
+    from huggingface_hub import errors
+
+    import cli
+    from model import resolve_checkpoint
+    err = make_error(errors)
+
+    def refuse(*args, **kwargs):
+        raise err
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    with pytest.raises(OSError, match=expected) as info:
+        resolve_checkpoint("meta-llama/Meta-Llama-3-8B-Instruct")
+    assert cli._expected(info.value) == str(info.value)  # cli.run prints it as one line, exit 2
+    assert "\n" not in str(info.value)
