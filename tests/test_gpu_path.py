@@ -237,3 +237,33 @@ def test_hub_errors_say_why(monkeypatch, make_error, expected):
         resolve_checkpoint("meta-llama/Meta-Llama-3-8B-Instruct")
     assert cli._expected(info.value) == str(info.value)  # cli.run prints it as one line, exit 2
     assert "\n" not in str(info.value)
+
+
+# -----------------------------------------------------------------------------
+# LLaVA configs that leave the vision tower or the anyres resolutions to transformers' defaults
+
+VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                 "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next"])
+@pytest.mark.parametrize("vision", [None, {"model_type": "clip_vision_model", "hidden_size": 96}])
+def test_llava_config_defaults_are_transformers(tmp_path, kind, vision):
+    """No vision_config: CLIP-L/14-336 (LlavaConfig's default); a partial one: CLIPVisionConfig's
+    defaults fill the rest; no image_grid_pinpoints: LlavaNextConfig's list. transformers reads the
+    same config.json as the reference."""
+    import transformers
+
+    import vlm
+    c = {"model_type": kind, "image_token_index": 32000, "text_config": {"model_type": "llama"}}
+    if vision:
+        c["vision_config"] = vision
+    (tmp_path / "config.json").write_text(json.dumps(c))
+    ours = vlm.VLMConfig.from_json(tmp_path / "config.json")
+    ref = getattr(transformers, "LlavaConfig" if kind == "llava" else "LlavaNextConfig").from_json_file(
+        tmp_path / "config.json")
+    assert {k: getattr(ours.vision, k) for k in VISION_FIELDS} == {k: getattr(ref.vision_config, k) for k in VISION_FIELDS}
+    assert ours.vision.patch_size == (32 if vision else 14)
+    if kind == "llava_next":
+        assert ours.grid_pinpoints == [list(p) for p in ref.image_grid_pinpoints]
+        assert vlm.select_best_resolution((480, 640), ours.grid_pinpoints)  # used to be a TypeError on None
