@@ -21,7 +21,7 @@ ckpt  = $(or $(CKPT_$(1)),$(1))
 mname = $(notdir $(patsubst %/,%,$(1)))
 CKPT := $(call ckpt,$(MODEL))
 
-.PHONY: setup model test bench bench-svf bench-train train ablation cem dispatch unseen clean-venv
+.PHONY: setup model test bench bench-svf bench-train train ablation cem dispatch unseen clean-venv gpu-check memory
 
 setup: .venv/.done
 
@@ -188,6 +188,14 @@ unseen: experts-math+code+reasoning+cls setup
 	$(PY) tools/pass2_table.py --task $(TASK) base=$(UNSEEN_DIR)/cem/base.jsonl uniform=$(UNSEEN_DIR)/cem/uniform.jsonl \
 	    math=$(UNSEEN_DIR)/math.jsonl code=$(UNSEEN_DIR)/code.jsonl reasoning=$(UNSEEN_DIR)/reasoning.jsonl \
 	    prompt=$(UNSEEN_DIR)/prompt cls=$(UNSEEN_DIR)/cls fewshot=$(UNSEEN_DIR)/cem/cem.jsonl | tee $(UNSEEN_DIR)/table.md
+
+# the day a GPU is available: CUDA tests, kernel vs torch at the paper's shapes, one update on an
+# 8B-shaped model, one table (< 10 min on one H100); memory: tools/memory.py's table for Llama-3-8B
+gpu-check: model
+	$(PY) tools/gpu_check.py $(ARGS)
+
+memory: setup
+	$(PY) tools/memory.py $(ARGS)
 
 clean-venv:
 	rm -rf .venv
