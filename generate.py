@@ -38,12 +38,9 @@ class Tokenizer:
 
     def __init__(self, path):
         from tokenizers import Tokenizer as HFTokenizer
-        path = Path(path)
+        self.path = path = Path(path)
         self.tk = HFTokenizer.from_file(str(path / "tokenizer.json"))
-        tc = json.loads((path / "tokenizer_config.json").read_text())
-        gen = path / "generation_config.json"
-        gc = json.loads(gen.read_text()) if gen.exists() else {}
-        cfg = json.loads((path / "config.json").read_text())
+        tc, gc, cfg = (read_optional_json(path / f) for f in ("tokenizer_config.json", "generation_config.json", "config.json"))
 
         def token(v):  # tokenizer_config stores tokens as strings or {"content": ...}
             return v["content"] if isinstance(v, dict) else v
@@ -55,9 +52,7 @@ class Tokenizer:
         self.eos_ids = sorted({e for e in eos if e is not None})
         pad = token(tc.get("pad_token"))
         self.pad_id = self.tk.token_to_id(pad) if pad else self.eos_ids[0]
-        self.template = tc.get("chat_template")
-        if isinstance(self.template, list):  # named templates: take the default one
-            self.template = next(t["template"] for t in self.template if t["name"] == "default")
+        self.template = read_chat_template(path, tc)
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id):
@@ -73,7 +68,7 @@ class Tokenizer:
         """Render like transformers: sandboxed Jinja, trim_blocks + lstrip_blocks."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
         if not self.template:
-            raise ValueError("tokenizer_config.json has no chat_template")
+            raise ValueError(f"{self.path}: no chat template (looked in {', '.join(TEMPLATE_FILES)})")
 
         def raise_exception(msg):
             raise ValueError(msg)
@@ -85,6 +80,33 @@ class Tokenizer:
         return env.from_string(self.template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=None)
+
+
+# Where a checkpoint keeps its chat template, in the order transformers reads them: its own file
+# (what transformers >= 4.43 saves and recent hub repos ship), a processor's file (llava-hf), then
+# the older key in tokenizer_config.json (a string, or a list of named templates).
+TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
+
+
+def read_chat_template(path, tc):
+    """The default chat template of the folder `path` (tc: its tokenizer_config.json), or None."""
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    t = read_optional_json(path / "chat_template.json").get("chat_template") or tc.get("chat_template")
+    if isinstance(t, list):  # named templates [{"name": ..., "template": ...}]: transformers uses "default"
+        named = {d["name"]: d["template"] for d in t}
+        if "default" not in named:
+            raise ValueError(f"{path}: chat templates {sorted(named)} include no 'default'")
+        t = named["default"]
+    return t
+
+
+def read_optional_json(f):
+    """A JSON file's dict, {} if the file is absent; a broken file is an error that names it."""
+    try:
+        return json.loads(f.read_text(encoding="utf-8")) if f.exists() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: cannot read ({e})") from None
 
 
 # -----------------------------------------------------------------------------

@@ -321,19 +321,43 @@ class Transformer(nn.Module):
 # -----------------------------------------------------------------------------
 # Loading
 
+# What a hub download fetches: exactly the Hugging Face layout this loader reads. Hub repos often ship
+# more: Mistral's consolidated.safetensors (the same 14.5 GB again in Mistral's own layout), Llama's
+# original/ folder (consolidated.00.pth, params.json), READMEs. Glob patterns as `fnmatch` reads them
+# (huggingface_hub.utils.filter_repo_objects): "model-*" matches the shards, not original/ files.
+HUB_FILES = ("config.json", "generation_config.json",                       # the model's config
+             "model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",  # weights
+             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",  # generate.Tokenizer
+             "chat_template.jinja", "chat_template.json",                    # templates (generate.py)
+             "preprocessor_config.json")                                     # LLaVA's image preprocessing
+
+
 def resolve_checkpoint(path_or_repo_id) -> Path:
-    """A local HF folder, or a hub repo id downloaded (safetensors + json only) when online."""
+    """A local HF folder, or a hub repo id whose HUB_FILES are downloaded (or found in the hub cache).
+    A failed download is one error that says why: gated, not found / not logged in, or offline."""
     p = Path(path_or_repo_id)
     if p.is_dir():
         return p
-    if p.exists() or str(path_or_repo_id).count("/") != 1:
-        raise FileNotFoundError(f"{path_or_repo_id}: not a model folder (expected config.json + model.safetensors)")
+    rid = str(path_or_repo_id)
+    if p.exists() or rid.count("/") != 1:
+        raise FileNotFoundError(f"{rid}: not a model folder (expected config.json + model.safetensors)")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
     try:
-        return Path(snapshot_download(str(path_or_repo_id), allow_patterns=["*.json", "*.safetensors"]))
-    except Exception as e:
-        raise RuntimeError(f"{path_or_repo_id}: not a local folder and the hub is unreachable ({type(e).__name__}); "
-                           f"download it elsewhere and pass the folder, or run `make model` for the shipped one") from None
+        return Path(snapshot_download(rid, allow_patterns=list(HUB_FILES)))
+    # The order matters: a gated repo's error is a kind of RepositoryNotFoundError.
+    except GatedRepoError as e:
+        why, err = (f"a gated repository: accept its license at https://huggingface.co/{rid}, then log in "
+                    f"(`hf auth login`, or set HF_TOKEN)"), e
+    except RepositoryNotFoundError as e:  # the hub answers 404 to a private repo without a token, too
+        why, err = "no such repository on the hub, or a private one and you are not logged in", e
+    except LocalEntryNotFoundError as e:  # offline (or HF_HUB_OFFLINE=1) and not in the local cache
+        why, err = ("not in the local hub cache and the hub is unreachable; download it elsewhere and pass "
+                    "the folder, or run `make model` for the shipped one"), e
+    except (OSError, ValueError) as e:  # any other HTTP status, a full disk, an invalid repo id
+        why, err = "the hub download failed", e
+    detail = str(err).strip().splitlines()
+    raise OSError(f"{rid}: not a local folder; {why} ({type(err).__name__}: {detail[-1] if detail else ''})") from None
 
 
 def read_json(path) -> dict:

@@ -52,6 +52,14 @@ TEXT_DEFAULTS = {
                     max_position_embeddings=32768),
 }
 
+# What transformers' LlavaConfig / LlavaNextConfig take when config.json has no vision_config: the
+# CLIP ViT-L/14 at 336 px of every released LLaVA-1.5 / NeXT (not CLIPVisionConfig's own ViT-B/32
+# defaults, which fill the fields a vision_config that is present leaves out), and LLaVA-NeXT's
+# anyres resolutions (height, width) when it has no image_grid_pinpoints.
+LLAVA_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=336, patch_size=14)
+LLAVA_NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
 
 # -----------------------------------------------------------------------------
 # Config
@@ -74,7 +82,8 @@ class VLMConfig:
         mt = c.get("model_type")
         if mt not in ("llava", "llava_next"):
             raise ValueError(f"{path}: unsupported model_type {mt!r} (vlm.py reads llava, llava_next)")
-        vc = {**VISION_DEFAULTS, **{k: v for k, v in c.get("vision_config", {}).items() if k in VISION_DEFAULTS}}
+        vc = c.get("vision_config") or LLAVA_VISION
+        vc = {**VISION_DEFAULTS, **{k: v for k, v in vc.items() if k in VISION_DEFAULTS}}
         if vc["hidden_act"] not in ACTS:
             raise ValueError(f"{path}: unsupported vision activation {vc['hidden_act']!r}")
         tc = dict(c.get("text_config") or {"model_type": "llama"})
@@ -88,7 +97,7 @@ class VLMConfig:
                    select=c.get("vision_feature_select_strategy", "default"),
                    projector_act=c.get("projector_hidden_act", "gelu"),
                    projector_bias=c.get("multimodal_projector_bias", True),
-                   grid_pinpoints=c.get("image_grid_pinpoints") if mt == "llava_next" else None)
+                   grid_pinpoints=c.get("image_grid_pinpoints") or LLAVA_NEXT_PINPOINTS if mt == "llava_next" else None)
 
 
 # -----------------------------------------------------------------------------

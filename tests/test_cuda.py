@@ -68,7 +68,7 @@ def test_one_reinforce_update_bf16(tiny_dir, tmp_path):
     import reinforce
     out = tmp_path / "run"
     args = reinforce.get_args(["--task", "gsm8k", "--model", str(tiny_dir), "--out", str(out), "--batch-size", "4",
-                               "--micro-batch", "2", "--rollout-batch", "4", "--max-new-tokens", "6", "--steps", "1",
+                               "--micro-batch", "2", "--slots", "4", "--max-new-tokens", "6", "--steps", "1",
                                "--eval-every", "1", "--valid-limit", "4", "--kl-coef", "0.1", "--temperature", "1.0",
                                "--lr", "1e-1", "--device", "cuda", "--dtype", "bf16"])
     st = reinforce.main(args)
@@ -85,7 +85,7 @@ def test_two_nccl_ranks_equal_one_process(tiny_dir, tmp_path):
     """torchrun with 2 GPUs (NCCL) reaches the θ of one process on one GPU, within bf16 noise."""
     env = dict(os.environ, T2_CACHE=str(tmp_path / "cache"))
     common = ["--task", "gsm8k", "--model", str(tiny_dir), "--batch-size", "4", "--micro-batch", "2",
-              "--rollout-batch", "4", "--max-new-tokens", "6", "--steps", "1", "--eval-every", "1",
+              "--slots", "4", "--max-new-tokens", "6", "--steps", "1", "--eval-every", "1",
               "--valid-limit", "4", "--kl-coef", "0.1", "--temperature", "0", "--device", "cuda", "--dtype", "fp32"]
     one = subprocess.run([sys.executable, "reinforce.py", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
                          env=env, capture_output=True, text=True)

@@ -155,7 +155,7 @@ def test_wrong_shape(tiny, tmp_path):
 
 def test_offline_repo_id_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="not a local folder and the hub is unreachable"):
+    with pytest.raises(OSError, match="not a local folder; not in the local hub cache and the hub is unreachable"):
         Transformer.from_pretrained("someone/no-such-model-here")
 
 
