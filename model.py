@@ -205,25 +205,23 @@ class Attention(nn.Module):
 
 
 def attend(q, k, v, bias):
-    """softmax(q·kᵀ/√hd + bias)·v for q (B, nh, T, hd) and k, v (B, nkv, S, hd), where query head h
-    reads K/V head h // rep (GQA, rep = nh/nkv), in the two forms CUDA's fused SDPA kernels take.
-    A boolean mask with enable_gqa, the obvious call, takes neither: FlashAttention accepts no mask
-    and memory-efficient attention no GQA (torch's SDPA notes), so it falls to the math backend,
-    which repeats K/V to every head and keeps B·nh·T·S upcast scores for the backward.
-    - bias None: the keys are the queries' own T tokens at positions 0..T-1, plain causal attention.
-      The is_causal flag with enable_gqa is FlashAttention's form: no mask, no K/V copy. Flash is
-      fp16/bf16 only (the GPU default, cli.py); an fp32 model with GQA gets the math backend here.
-    - bias (B, 1, rep·T, S), additive, from `attn_bias`: the rep query heads that share a K/V head
-      are folded into the query axis, q (B, nkv, rep·T, hd), so q and k have equal head counts and
-      memory-efficient attention takes the mask. Still no K/V copy (the decode step's case: T = 1).
+    """softmax(q·kᵀ/√hd + bias)·v for q (B, nh, T, hd), k and v (B, nkv, S, hd); query head h reads
+    K/V head h // rep (GQA, rep = nh/nkv). The obvious call, a boolean mask with enable_gqa, suits
+    none of CUDA's fused kernels (FlashAttention takes no mask, memory-efficient attention no GQA):
+    the math backend then repeats K/V per head and keeps B·nh·T·S fp32 scores for the backward.
+    - bias None (the keys are the queries' own tokens at 0..T-1): is_causal + enable_gqa, the form
+      FlashAttention takes in fp16/bf16 (the GPU default; an fp32 GQA model gets the math backend).
+    - bias (B, 1, rep·T, S) from `attn_bias`: the rep query heads sharing a K/V head are folded into
+      the query axis, q (B, nkv, rep·T, hd), so head counts match and memory-efficient attention
+      takes the mask. K/V are never copied (a decode step's q is just (B, nkv, rep, hd)).
     tests/test_model.py holds every call the model makes to those kernels' documented conditions."""
     B, nh, T, hd = q.shape
     nkv = k.size(1)
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
-    qg = q.reshape(B, nkv, nh // nkv * T, hd)              # (B, nkv, rep·T, hd): row g·T + t = head kv·rep + g
+    qg = q.reshape(B, nkv, nh // nkv * T, hd)  # (B, nkv, rep·T, hd): group j, row g·T + t = head j·rep + g, query t
     y = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias)  # (B, nkv, rep·T, hd)
-    return y.reshape(B, nh, T, hd)                          # head kv·rep + g, query t
+    return y.reshape(B, nh, T, hd)             # (B, nh, T, hd)
 
 
 class MLP(nn.Module):
