@@ -11,8 +11,10 @@ Numerics follow Hugging Face `transformers` (the tests compare against it):
   head are the two coordinates), which is what HF checkpoints expect for q/k weights.
 - Llama-3 `rope_scaling` rescales the inverse frequencies by wavelength band.
 
-One forward, `Transformer.hidden(ids, pos, cache)`: the causal mask (`causal_mask`, one per
-sliding window) and the RoPE tables (`rope`) for the rows' positions, then the block loop. Every
+One forward, `Transformer.hidden(ids, pos, cache)`: the causal mask (`attn_bias`, one per
+sliding window, or none at all for a fresh causal batch) and the RoPE tables (`rope`) for the
+rows' positions, then the block loop. `attend` calls SDPA in forms that CUDA's fused kernels
+(FlashAttention, memory-efficient) accept; `prefill` caps the tokens per forward. Every
 row carries its own positions, and the KV cache (`KVCache`) is indexed by them, not by a write
 pointer: the token at position p of row b lives in slot p, `update` writes where `pos` says, so
 each row advances by its own positions (sequences of different lengths share one cache).
@@ -187,20 +189,39 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
 
-    def forward(self, x, pos, cos, sin, mask, cache):
+    def forward(self, x, pos, cos, sin, bias, cache):
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)   # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            S = mask.size(-1)                                            # slots 0..S-1 can be seen
+            S = T if bias is None else bias.size(-1)                     # slots 0..S-1 can be seen
             k, v = cache.update(self.layer_idx, k, v, pos)
             k, v = k[:, :, :S], v[:, :, :S]                              # (B, nkv, S, hd)
-        # GQA: SDPA repeats each k/v head for nh // nkv query heads.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nkv != self.nh)
+        y = attend(q, k, v, bias)                                        # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)           # (B, T, C)
         return self.o_proj(y)
+
+
+def attend(q, k, v, bias):
+    """softmax(q·kᵀ/√hd + bias)·v for q (B, nh, T, hd), k and v (B, nkv, S, hd); query head h reads
+    K/V head h // rep (GQA, rep = nh/nkv). The obvious call, a boolean mask with enable_gqa, suits
+    none of CUDA's fused kernels (FlashAttention takes no mask, memory-efficient attention no GQA):
+    the math backend then repeats K/V per head and keeps B·nh·T·S fp32 scores for the backward.
+    - bias None (the keys are the queries' own tokens at 0..T-1): is_causal + enable_gqa, the form
+      FlashAttention takes in fp16/bf16 (the GPU default; an fp32 GQA model gets the math backend).
+    - bias (B, 1, rep·T, S) from `attn_bias`: the rep query heads sharing a K/V head are folded into
+      the query axis, q (B, nkv, rep·T, hd), so head counts match and memory-efficient attention
+      takes the mask. K/V are never copied (a decode step's q is just (B, nkv, rep, hd)).
+    tests/test_model.py holds every call the model makes to those kernels' documented conditions."""
+    B, nh, T, hd = q.shape
+    nkv = k.size(1)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
+    qg = q.reshape(B, nkv, nh // nkv * T, hd)  # (B, nkv, rep·T, hd): group j, row g·T + t = head j·rep + g, query t
+    y = F.scaled_dot_product_attention(qg, k, v, attn_mask=bias)  # (B, nkv, rep·T, hd)
+    return y.reshape(B, nh, T, hd)             # (B, nh, T, hd)
 
 
 class MLP(nn.Module):
@@ -222,8 +243,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, pos, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), pos, cos, sin, mask, cache)
+    def forward(self, x, pos, cos, sin, bias, cache):
+        x = x + self.self_attn(self.input_layernorm(x), pos, cos, sin, bias, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -248,6 +269,15 @@ def causal_mask(q_pos, k_pos, window=None):
     return m.unsqueeze(1)
 
 
+def attn_bias(q_pos, k_pos, window, rep, dtype):
+    """`causal_mask` as the additive bias `attend` takes: 0 where seen, -inf where hidden, its rows
+    repeated for the rep query heads that share a K/V head: (B, 1, rep·T, S), row g·T + t = query t.
+    Built once per forward and shared by every layer with this window."""
+    m = causal_mask(q_pos, k_pos, window)                               # (B, 1, T, S) bool
+    bias = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+    return bias.repeat(1, 1, rep, 1)                                    # (B, 1, rep·T, S)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -259,6 +289,10 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         # Which layers use which sliding window; layers sharing a window share a mask.
         self.windows = sorted(set(cfg.layer_windows), key=lambda w: w or 0)
+        # Tokens (rows × positions) per forward in `prefill`: bounds its transient memory (MLP
+        # intermediates, the mask) however long or many the prompts. 8192 tokens of Llama-3-8B
+        # in bf16: ~0.7 GB of MLP activations per layer, freed before the next.
+        self.max_prefill_tokens = 8192
 
     def rope(self, pos, dtype):
         """cos, sin (B, 1, T, hd) for positions pos (B, T)."""
@@ -277,18 +311,41 @@ class Transformer(nn.Module):
         embeds (B, T, C), when given, replaces the token embeddings (vlm.py splices images in).
         """
         B, T = input_ids.shape
-        if pos is None:
-            pos = torch.arange(T, device=input_ids.device).expand(B, T)
-        if cache is None:
-            k_pos = pos
-        else:  # slots 0..S-1 of the cache, S = one past the furthest position written now
-            k_pos = torch.arange(int(pos.max()) + 1, device=pos.device)[None]
-        masks = {w: causal_mask(pos, k_pos, w) for w in self.windows}
         x = self.model.embed_tokens(input_ids) if embeds is None else embeds
+        rep = self.config.num_attention_heads // self.config.num_key_value_heads
+        if pos is None:  # keys = these T tokens at 0..T-1 (cached or not): causal needs no mask
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+            # ...unless a sliding window is shorter than the sequence
+            biases = {w: None if w is None or T <= w else attn_bias(pos, pos, w, rep, x.dtype) for w in self.windows}
+        else:
+            if cache is None:
+                k_pos = pos
+            else:  # slots 0..S-1 of the cache, S = one past the furthest position written now
+                k_pos = torch.arange(int(pos.max()) + 1, device=pos.device)[None]
+            biases = {w: attn_bias(pos, k_pos, w, rep, x.dtype) for w in self.windows}
         cos, sin = self.rope(pos, x.dtype)
         for block, w in zip(self.model.layers, self.config.layer_windows):
-            x = block(x, pos, cos, sin, masks[w], cache)
+            x = block(x, pos, cos, sin, biases[w], cache)
         return self.model.norm(x)
+
+    def prefill(self, input_ids, cache, embeds=None):
+        """`hidden(input_ids, None, cache, embeds)` for a fresh batch (every row at positions
+        0..T-1), run as chunks of at most `max_prefill_tokens` tokens (B rows × T/n positions):
+        chunk c writes its keys/values at its positions and attends to the cache's slots up to
+        its own, so the result equals one forward while no forward is larger than the cap
+        (long prompts, many rows: a LLaVA-NeXT batch is 64 × ~2.9k tokens). Returns (B, T, C).
+
+        Under autograd it is one forward: a later chunk's cache write would change the keys an
+        earlier chunk saved for its backward, and the backward keeps every token's activations
+        anyway (training bounds its tokens with the micro-batch instead)."""
+        B, T = input_ids.shape
+        step = T if torch.is_grad_enabled() else max(1, self.max_prefill_tokens // B)
+        if step >= T:
+            return self.hidden(input_ids, None, cache, embeds)
+        pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        chunks = [slice(a, a + step) for a in range(0, T, step)]
+        return torch.cat([self.hidden(input_ids[:, c], pos[:, c], cache, None if embeds is None else embeds[:, c])
+                          for c in chunks], dim=1)                         # (B, T, C)
 
     def forward(self, input_ids, pos=None, cache=None, embeds=None):
         """Logits (B, T, vocab) in float32."""

@@ -14,7 +14,7 @@ Three ways to run an adapted model, all on the model.py Transformer:
   set_z with (B, r) z     one z per sequence of a batch (CEM populations, mixed expert batches);
                           base_rows= marks rows that use the base weights W themselves (dispatch's "other").
 The factored path uses the Triton kernel of kernels/svf_linear.py on CUDA, plain torch otherwise
-(svf_matmul_torch, the one definition of the formula; also the kernel's test reference).
+(svf_matmul_torch; the kernel file is a leaf with its own reference, tested equal to this one).
 Scripts get experts through load_experts (load -> check -> SVD cache -> attach); files are always
 named explicitly (--experts), never discovered by a naming convention.
 
@@ -54,8 +54,8 @@ _kernel = []       # lazily imported svf_linear, or None once it failed to impor
 
 
 def svf_matmul_torch(x, U, S, Vh, z):
-    """y = x·(U·diag(S⊙z)·Vh)ᵀ in plain torch: the one definition of the factored product. It is the
-    path svf.py runs without the kernel, and the reference kernels/svf_linear.py is tested against.
+    """y = x·(U·diag(S⊙z)·Vh)ᵀ in plain torch: svf.py's definition of the factored product, the
+    path it runs without the kernel (tests/test_kernels.py: equal to the kernel's own reference).
 
     x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r)  ->  y (B, T, m) in x.dtype.
     Autograd gives, with a = Vh·x, g = dL/dy, s = Σσ/Σ(σ⊙z) (docs/PAPER.md §1):

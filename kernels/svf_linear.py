@@ -23,35 +23,31 @@ without m×n tensors) and in mixed batches where every sequence carries its own 
 
 What svf.py does with this file: on CUDA its factored layers call `svf_linear`. If this file cannot
 be imported (no Triton), or the kernel raises at a call (e.g. fails to compile for that GPU), svf.py
-warns once, naming the error, and from then on runs `svf.svf_matmul_torch`: three torch matmuls
-with the same contract, (x·Vhᵀ ⊙ σ⊙z)·Uᵀ, differentiated by autograd. That function is also this
-file's reference (`svf_linear_ref`), so there is one definition of the formula. A failure inside the
-backward pass (the same kernel, other specialisations) is not caught: it would surface as an error.
+warns once, naming the error, and from then on runs its own torch path (`svf.svf_matmul_torch`, the
+same formula as `svf_linear_ref` below). A failure inside the backward pass (the same kernel, other
+specialisations) is not caught: it would surface as an error.
 
-    python kernels/svf_linear.py           # correctness check vs the torch reference (CPU: interpreter)
-    python kernels/svf_linear.py --bench   # GPU benchmark, bf16, Llama-3-8B MLP/attention shapes
+This file is a leaf, as in the Triton tutorials: torch reference -> kernel -> wrapper -> autograd
+Function, importing nothing from the project (svf.py imports it, never the other way round).
+Its checks and its benchmark live with the others:
+
+    pytest tests/test_kernels.py         # vs the reference and a float64 dense W′ (CPU: TRITON_INTERPRET=1)
+    python tools/bench_kernel.py         # GPU: bf16, Llama-3-8B MLP/attention shapes, vs cuBLAS dense
 """
-import argparse
-import math
 import os
-import sys
 
 import torch
-
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: svf.py
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede `import triton`: run kernels on CPU
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
 
 
 # ----------------------------------------------------------------------------- torch reference
-# The reference is svf.py's torch path itself, not a second copy of the formula: the kernel is tested
-# against exactly what SVF runs without it (x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r)
-# -> y (B, T, m) in x.dtype, y[b] = x[b]·(U·diag(S⊙z[b])·Vh)ᵀ, differentiable by autograd).
-from svf import svf_matmul_torch as svf_linear_ref  # noqa: E402
+def svf_linear_ref(x, U, S, Vh, z):
+    """y = x·(U·diag(S⊙z)·Vh)ᵀ in three torch matmuls, differentiated by autograd: what the kernel
+    must equal. x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r) -> y (B, T, m) in x.dtype;
+    y[b] = x[b]·(U·diag(S⊙z[b])·Vh)ᵀ, one row of scales per sequence."""
+    s = (S * z).reshape(-1, 1, S.shape[0]).to(x.dtype)  # (1 or B, 1, r)
+    return ((x @ Vh.T) * s) @ U.T                         # (B, T, r) -> (B, T, m)
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -68,11 +64,16 @@ else:  # GPU: large tiles for prefill/training, thin BLOCK_M tiles for decode (f
     ]
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+# Autotuning keys on M_BUCKET, M rounded up to a power of two, not on M itself: the token count
+# changes with nearly every micro-batch and prefill, and each new key costs a full tuning sweep
+# (~1 s on a GPU). The best tile for 3000 tokens is the best for 4096, so ~13 buckets cover
+# 1..4096 tokens. N, K are weight widths (a handful per model). Triton adds the dtypes to the key.
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _scaled_matmul_kernel(
     a_ptr, b_ptr, c_ptr, s_ptr,  # C (M×N) = (A ⊙ s[row // T]) (M×K) · B (K×N)
     M, N, K, T,  # T = tokens per sequence: row i belongs to sequence i // T
+    M_BUCKET,  # next power of two >= M: read by the autotuner only, not by the kernel
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_sb, stride_sk,
     HAS_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -117,6 +118,11 @@ def _scaled_matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
 
+def m_bucket(M):
+    """The autotuner's view of a token count: the next power of two (1, 2, 4, ..., 4096, ...)."""
+    return triton.next_power_of_2(M)
+
+
 def _scaled_matmul(a, b, s=None, T=1):
     """C = (a ⊙ s[i // T]) · b for a (M, K), b (K, N) (any strides, e.g. a transposed view),
     s (1 or M/T, K) float32 or None. Returns C (M, N) in a.dtype."""
@@ -129,7 +135,7 @@ def _scaled_matmul(a, b, s=None, T=1):
     stride_sb, stride_sk = (s.stride(0) if s.shape[0] > 1 else 0, s.stride(1)) if has_scale else (0, 0)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _scaled_matmul_kernel[grid](
-        a, b, c, s_arg, M, N, K, T,
+        a, b, c, s_arg, M, N, K, T, m_bucket(M),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1), stride_sb, stride_sk,
         HAS_SCALE=has_scale,
     )
@@ -186,104 +192,3 @@ def svf_linear(x, U, S, Vh, z):
     if torch.is_grad_enabled() and (U.requires_grad or S.requires_grad or Vh.requires_grad):
         raise ValueError("svf_linear gives gradients for x and z only; U, S, Vh must be frozen")
     return _SVFLinear.apply(x, U, S, Vh, z)
-
-
-def svf_linear_supported(x):
-    """True where the kernels can run on x's device: CUDA, or CPU under TRITON_INTERPRET=1."""
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-# ----------------------------------------------------------------------------- check and bench
-def check(device, dtypes):
-    """Forward and both gradients against the reference, odd shapes, one z per sequence."""
-    torch.manual_seed(0)
-    B, T, m, n, r = 3, 5, 37, 70, 29
-    for dtype in dtypes:
-        tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
-        U, S, Vh = torch.randn(m, r, device=device), torch.rand(r, device=device) + 0.1, torch.randn(r, n, device=device)
-        U, Vh = (U / math.sqrt(m)).to(dtype), (Vh / math.sqrt(n)).to(dtype)
-        for zshape in [(r,), (B, r)]:
-            x = torch.randn(B, T, n, device=device, dtype=dtype, requires_grad=True)
-            z = torch.rand(zshape, device=device, requires_grad=True)
-            g = torch.randn(B, T, m, device=device, dtype=dtype)
-            y = svf_linear(x, U, S, Vh, z)
-            ours = (y, *torch.autograd.grad(y, (x, z), g))
-            xr = x.detach().float().requires_grad_()  # reference in fp32 on the same rounded inputs
-            y = svf_linear_ref(xr, U.float(), S, Vh.float(), z)
-            ref = (y, *torch.autograd.grad(y, (xr, z), g.float()))
-            errs = [((o.float() - w).norm() / w.norm()).item() for o, w in zip(ours, ref)]
-            ok = max(errs) < tol
-            print(f"{str(dtype):15s} z{str(zshape):8s} rel.err y {errs[0]:.1e} | dx {errs[1]:.1e} | dz {errs[2]:.1e}"
-                  f"  {'ok' if ok else 'FAIL'} (tol {tol:.0e})")
-            if not ok:
-                sys.exit(1)
-
-
-LLAMA3_8B = [("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336), ("q/o_proj", 4096, 4096)]  # (m, n)
-TOKENS, MIXED_B, MIXED_T = [1, 16, 128, 512, 1024, 4096], 8, [1, 16, 128, 512]
-
-
-def bench():
-    if not torch.cuda.is_available():
-        sys.exit("--bench needs a CUDA GPU and none was found. On CPU run `python kernels/svf_linear.py` "
-                 "(no --bench) for the correctness check under the Triton interpreter.")
-    from triton.testing import do_bench
-    dt, GB, TF = torch.bfloat16, 1e9, 1e12
-    merge = lambda U, s, Vh: (U * s) @ Vh  # noqa: E731  W′ = U·diag(s)·Vh  (m, n)
-
-    def row(label, ms, flops, nbytes, ref_ms=None):
-        extra = f" | {ms / ref_ms:5.2f}× dense" if ref_ms else ""
-        print(f"  {label:26s} {ms * 1e3:9.1f} µs | {flops / ms / 1e-3 / TF:6.1f} TFLOP/s | "
-              f"{nbytes / ms / 1e-3 / GB:7.0f} GB/s{extra}")
-
-    for name, m, n in LLAMA3_8B:
-        r = min(m, n)
-        U = (torch.randn(m, r, device="cuda") / math.sqrt(m)).to(dt)  # timing does not need a real SVD
-        Vh = (torch.randn(r, n, device="cuda") / math.sqrt(n)).to(dt)
-        S = torch.rand(r, device="cuda") + 0.5
-        print(f"\n{name}: W {m}×{n}, r = {r}, bf16; factored/dense work r(m+n)/mn = {r * (m + n) / (m * n):.2f}× "
-              f"(µs; FLOP and bytes of each method's own work)")
-        for tokens in TOKENS:
-            x, z = torch.randn(1, tokens, n, device="cuda", dtype=dt), torch.rand(r, device="cuda")
-            s = (S * z).to(dt)
-            W = merge(U, s, Vh)
-            torch.testing.assert_close(svf_linear(x, U, S, Vh, z), x @ W.T, rtol=5e-2, atol=5e-2)
-            fd, ff = 2 * tokens * m * n, 2 * tokens * r * (m + n)  # dense vs factored FLOP
-            bd, bf = 2 * (m * n + tokens * (m + n)), 2 * (r * (m + n) + tokens * (m + n + 2 * r))
-            t_a = do_bench(lambda: x @ W.T)
-            t_b = do_bench(lambda: svf_linear_ref(x, U, S, Vh, z))
-            t_c = do_bench(lambda: x @ merge(U, s, Vh).T)
-            t_k = do_bench(lambda: svf_linear(x, U, S, Vh, z))
-            print(f" tokens {tokens}")
-            row("(a) dense, W′ merged once", t_a, fd, bd)
-            row("(b) torch factored", t_b, ff, bf, t_a)
-            row("(c) merge W′ every call", t_c, fd + 2 * m * n * r, bd + 4 * m * n + 2 * r * (m + n), t_a)
-            row("svf_linear (Triton)", t_k, ff, bf, t_a)
-            print(f"  goals: ≤1.3× dense {'yes' if t_k <= 1.3 * t_a else 'NO'} | faster than (c) "
-                  f"{'yes' if t_k < t_c else 'NO'}")
-        B = MIXED_B  # mixed batch: B sequences, B different experts
-        for T in MIXED_T:
-            x, Z = torch.randn(B, T, n, device="cuda", dtype=dt), torch.rand(B, r, device="cuda")
-            sb = (S * Z).to(dt)
-            Ws = [merge(U, sb[b], Vh) for b in range(B)]  # B pre-merged weights: B·m·n memory
-            t_pre = do_bench(lambda: [x[b] @ Ws[b].T for b in range(B)])
-            t_sep = do_bench(lambda: [x[b] @ merge(U, sb[b], Vh).T for b in range(B)])
-            t_k = do_bench(lambda: svf_linear(x, U, S, Vh, Z))
-            ff = 2 * B * T * r * (m + n)
-            print(f" mixed batch B={B} × T={T}")
-            row(f"{B} pre-merged W′ (memory)", t_pre, 2 * B * T * m * n, 2 * B * (m * n + T * (m + n)))
-            row(f"{B} merges per call", t_sep, 2 * B * (T * m * n + m * n * r), 2 * B * (3 * m * n + r * (m + n)))
-            row("svf_linear (Triton)", t_k, ff, 2 * (r * (m + n) + B * T * (m + n + 2 * r)))
-            print(f"  goal: faster than separate merges {'yes' if t_k < t_sep else 'NO'} "
-                  f"({t_sep / t_k:.1f}×; vs pre-merged {t_pre / t_k:.1f}×)")
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--bench", action="store_true", help="GPU benchmark (bf16, Llama-3-8B shapes)")
-    args = parser.parse_args()
-    if args.bench:
-        bench()
-    else:
-        on_gpu = torch.cuda.is_available()  # bf16 tl.dot is wrong in the interpreter: GPU only
-        check("cuda" if on_gpu else "cpu", [torch.float32, torch.float16] + ([torch.bfloat16] if on_gpu else []))

@@ -4,12 +4,15 @@ On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py): fp32 and f
 odd shapes so every tile edge is masked. bf16 needs a GPU (the interpreter's bf16 tl.dot is wrong).
     .venv/bin/python -m pytest -q tests/test_kernels.py
 """
+import ast
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import kernels.svf_linear as K
 from kernels.svf_linear import _scaled_matmul_kernel, svf_linear, svf_linear_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,6 +110,48 @@ def test_rejects_bad_inputs():
         svf_linear(x, U.requires_grad_(), S, Vh, torch.rand(r, device=DEVICE))  # factors are frozen
     with pytest.raises(TypeError):
         svf_linear(x.double(), U.detach().double(), S, Vh.double(), torch.rand(r, device=DEVICE))
+
+
+def test_reference_is_svf_torch_path():
+    # svf.py falls back to its own torch path when the kernel is unavailable: it must be the same
+    # function of (x, U, S, Vh, z) as the reference the kernel is held to, in both z layouts.
+    import svf
+    U, S, Vh = factors()
+    x = torch.randn(B, T, n, device=DEVICE)
+    for z in (torch.rand(r, device=DEVICE), torch.rand(B, r, device=DEVICE)):
+        assert torch.equal(svf.svf_matmul_torch(x, U, S, Vh, z), svf_linear_ref(x, U, S, Vh, z))
+
+
+def test_kernel_file_is_a_leaf():
+    # Issue 37: svf.py imports the kernel; the kernel must import nothing of the project (no cycle,
+    # no sys.path patching), only torch and triton, as the Triton tutorials do.
+    tree = ast.parse(Path(K.__file__).read_text())
+    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"os", "torch", "triton"}, imported
+
+
+def test_autotune_keys_on_a_bucket_of_the_token_count(monkeypatch):
+    # Issue 36 §2.2: the token count M changes with every micro-batch and prefill; each new autotune
+    # key costs a tuning sweep. Give the autotuner two configs and a stand-in benchmark (the
+    # interpreter cannot time kernels), then count tunings over many M: one per power-of-two bucket.
+    cfg = _scaled_matmul_kernel.configs[0]
+    twin = type(cfg)(dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tunings = []
+    monkeypatch.setattr(_scaled_matmul_kernel, "configs", [cfg, twin])
+    monkeypatch.setattr(_scaled_matmul_kernel, "cache", {})
+    fake_bench = lambda fn, quantiles: tunings.append(1) or [1.0, 1.0, 1.0]  # noqa: E731
+    monkeypatch.setitem(vars(_scaled_matmul_kernel), "do_bench", fake_bench)  # over a cached_property
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(24, 20, generator=g).to(DEVICE)
+    Ms = [1, 2, 3, 5, 7, 9, 12, 16, 17, 23, 31, 33, 40, 47, 58, 64]  # 16 token counts, 7 buckets
+    for M in Ms:
+        a = torch.randn(M, 24, generator=g).to(DEVICE)
+        assert rel_err(K._scaled_matmul(a, b), a.double() @ b.double()) < 1e-5
+    buckets = {K.m_bucket(M) for M in Ms}
+    assert buckets == {1, 2, 4, 8, 16, 32, 64}
+    assert len(_scaled_matmul_kernel.cache) == len(buckets)  # keyed on the bucket, not on M (16 keys)
+    assert len(tunings) == 2 * len(buckets)                  # each bucket timed its two configs once
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter-only limit")
