@@ -1,8 +1,9 @@
 """Two-pass inference (Transformer² paper §3.3, SPEC §4): pass 1 picks z′, pass 2 answers with W′(z′).
 
-Pass 1 asks the model itself which expert a question needs. The paper's adaptation prompt (its
-Figure 3) lives in evals/classify.py (INSTRUCTION, with a one-line system turn), shared with the
-cls task that trains z^c, so pass 1 at dispatch time is exactly what z^c was trained on:
+Pass 1 asks the model itself which expert a question needs, with the paper's adaptation prompt
+(its Figure 3: the structure kept, the wording ours). It lives in evals/classify.py (INSTRUCTION,
+after a one-line system turn), shared with the cls task that trains z^c, so pass 1 at dispatch
+time is exactly what z^c was trained on:
 
     Do not answer the question below. Only decide which kind of question it is.
 
