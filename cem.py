@@ -131,8 +131,8 @@ def check_shapes(experts, model):
             layer, kind = svf.model_order(name)[0], ".".join(name.split(".")[3:5])
             if layer >= c.num_hidden_layers or theta.numel() != rank[kind]:
                 raise ValueError(f"{e.source}: does not fit {model} ({name} has r={theta.numel()}; the model has "
-                                 f"{c.num_hidden_layers} layers, r={rank[kind]} for {kind}): experts only run on "
-                                 f"the base model they were trained on ({e.meta.get('base_model', '?')})")
+                                 f"{c.num_hidden_layers} layers, r={rank[kind]} for {kind}); it was trained on "
+                                 f"{e.meta.get('base_model', 'another model')}")
 
 
 def check_fingerprint(experts, model):
