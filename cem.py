@@ -67,7 +67,7 @@ def get_args(argv=None):
                    help="expert files of one base model (default: the shipped math, code, reasoning in "
                         "experts/qwen2.5-coder-0.5b-instruct/)")
     g.add_argument("--model", default=None,
-                   help="HF-layout model folder (default: the experts' base model, checkpoints/<name in their metadata>)")
+                   help="HF-layout model folder (default: the experts' base model, checkpoints/<name in metadata>)")
     g.add_argument("--split", default="test", help="--shots items drawn at random (seeded) adapt, the rest report")
     g.add_argument("--limit", type=cli.positive_int, default=None,
                    help="report on the first N items of the split, in file order, shots left out (CPU budget)")
@@ -123,9 +123,11 @@ def base_model(experts, model=None):
 def check_shapes(experts, model):
     """Each expert's θ must name a matrix the model has, of rank r = min(m, n): from config.json alone."""
     c = ModelConfig.from_json(Path(model) / "config.json")
-    C, I, q, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    C, I = c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim  # q/o and k/v widths
     rank = {"self_attn.q_proj": min(q, C), "self_attn.k_proj": min(kv, C), "self_attn.v_proj": min(kv, C),
-            "self_attn.o_proj": min(C, q), "mlp.gate_proj": min(I, C), "mlp.up_proj": min(I, C), "mlp.down_proj": min(C, I)}
+            "self_attn.o_proj": min(C, q), "mlp.gate_proj": min(I, C), "mlp.up_proj": min(I, C),
+            "mlp.down_proj": min(C, I)}
     for e in experts:
         for name, theta in e.theta.items():
             layer, kind = svf.model_order(name)[0], ".".join(name.split(".")[3:5])
