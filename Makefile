@@ -161,8 +161,8 @@ dispatch: experts-math+code+reasoning+cls setup
 
 # unseen: paper Tables 2-3 on one unseen task, every row on the same first N items of the split:
 # base, uniform α and few-shot CEM (cem.py; its shots are left out of every row), each single expert
-# (evals), prompt and cls dispatch (dispatch.py; cls also times pass 2 done by merging per category
-# group, the official way), then one table with paired tests (tools/pass2_table.py).
+# (evals), prompt and cls dispatch (dispatch.py; tools/bench_dispatch.py also times cls's pass 2 done by
+# merging per category group, the official way), then one table with paired tests (tools/pass2_table.py).
 #   make unseen TASK=arc_challenge_direct N=500     make unseen TASK=humaneval N=164     make unseen TASK=math N=350
 # MATH uses its "shuffled" split (a seeded draw over all subjects and levels); CEM=... sets cem.py's size
 # (default: the paper's light variant, 3 shots x 10 generations); ARGS go to every script (e.g. --max-new-tokens).
@@ -184,7 +184,8 @@ unseen: experts-math+code+reasoning+cls setup
 	test -f $(UNSEEN_DIR)/prompt/summary.json || $(PY) dispatch.py $(UNSEEN_DATA) --strategy prompt $(ROUTED) \
 	    --out $(UNSEEN_DIR)/prompt $(ARGS)
 	test -f $(UNSEEN_DIR)/cls/summary.json || $(PY) dispatch.py $(UNSEEN_DATA) --strategy cls $(ROUTED) \
-	    --cls-expert $(EXPERT_DIR)/cls.safetensors --time-merged --out $(UNSEEN_DIR)/cls $(ARGS)
+	    --cls-expert $(EXPERT_DIR)/cls.safetensors --out $(UNSEEN_DIR)/cls $(ARGS)
+	grep -q merged_pass2_s $(UNSEEN_DIR)/cls/summary.json || $(PY) tools/bench_dispatch.py $(UNSEEN_DIR)/cls
 	$(PY) tools/pass2_table.py --task $(TASK) base=$(UNSEEN_DIR)/cem/base.jsonl uniform=$(UNSEEN_DIR)/cem/uniform.jsonl \
 	    math=$(UNSEEN_DIR)/math.jsonl code=$(UNSEEN_DIR)/code.jsonl reasoning=$(UNSEEN_DIR)/reasoning.jsonl \
 	    prompt=$(UNSEEN_DIR)/prompt cls=$(UNSEEN_DIR)/cls fewshot=$(UNSEEN_DIR)/cem/cem.jsonl | tee $(UNSEEN_DIR)/table.md

@@ -18,12 +18,33 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
 import cli
 from evals import TASKS, get_task
 from evals.common import answer, discordant, fmt_acc, format_counts, mcnemar, paired, read_jsonl, render_prompt, write_jsonl
+
+
+def utf8_text(text):
+    """argparse type for text the model reads: bytes in argv that are not UTF-8 arrive as lone
+    surrogates, which the tokenizer cannot encode (a TypeError after the model loaded)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
+
+
+def load_items(task, args):
+    """The split's items; a data file whose rows lack a field the task reads is one line, not a KeyError."""
+    try:
+        return task.load(args.split, data_dir=args.data_dir)
+    except KeyError as e:
+        where = args.data_dir or os.environ.get("T2_DATA") or "the default data folder"
+        raise ValueError(f"{task.name} {args.split}: a row of its data file in {where} has no {e} field "
+                         f"(not the benchmark's file?)") from None
 
 
 def parse_args(argv=None):
@@ -36,20 +57,21 @@ def parse_args(argv=None):
     ap.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired McNemar test of two per-item files")
     # data
     ap.add_argument("--split", default="test")
-    ap.add_argument("--limit", type=int, default=None, help="first N items of the split (after --offset)")
-    ap.add_argument("--offset", type=int, default=0, help="skip the split's first N items (to extend a --limit run)")
+    ap.add_argument("--limit", type=cli.positive_int, default=None,
+                    help="first N items of the split (after --offset; default: all of them)")
+    ap.add_argument("--offset", type=cli.nonneg_int, default=0, help="skip the split's first N items (to extend a --limit run)")
     ap.add_argument("--data-dir", default=None, help="GSM8K files (DIR/gsm8k/*.jsonl) and local VQA files; default: $T2_DATA, else cache/ (docs/DATA.md)")
     ap.add_argument("--official-extract", action="store_true",
                     help="the official code's extraction quirks (GSM8K digit regex, ARC random guess)")
     # generation
     ap.add_argument("--expert", default=None, help="SVF expert file (z vectors), or a LoRA adapter file (lora.py), applied during generation")
-    ap.add_argument("--slots", type=int, default=64,
+    ap.add_argument("--slots", type=cli.positive_int, default=64,
                     help="sequences decoded together (continuous batching; 128 decodes 5-9%% faster than 64 for twice the KV memory: docs/RESULTS.md)")
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--system", default=None, help="a system prompt in place of the task's own (a prompt control)")
+    ap.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
+    ap.add_argument("--temperature", type=cli.nonneg_float, default=0.0, help="0: greedy")
+    ap.add_argument("--system", default=None, type=utf8_text, help="a system prompt in place of the task's own (a prompt control)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
+    ap.add_argument("--threads", type=cli.positive_int, default=None,
                     help="torch CPU threads (use 1 per process when several jobs share the cores)")
     ap.add_argument("--out", default=None, help="per-item JSONL (default: print the summary only); answers are "
                     "saved to OUT.partial as they finish, so rerunning a killed command resumes")
@@ -123,7 +145,7 @@ def read_partial(path, run):
 def evaluate(args, task):
     """Generate, check, summarise. With --out, answers are saved to OUT.partial as they finish: a
     killed run, started again with the same command, generates only what is missing."""
-    items = task.load(args.split, data_dir=args.data_dir)[args.offset:][:args.limit]
+    items = load_items(task, args)[args.offset:][:args.limit]
     run = {k: getattr(args, k) for k in ("task", "split", "limit", "model", "expert", "max_new_tokens",
                                          "temperature", "seed", "data_dir")}
     run.update({k: getattr(args, k) for k in ("offset", "system") if getattr(args, k)})  # old files stay valid
@@ -172,7 +194,7 @@ def score(args, task):
     bad = [i for i, line in enumerate(lines, 1) if not isinstance(line, dict) or not {"id", "completion"} <= line.keys()]
     if bad:
         raise ValueError(f"{args.score}: line {bad[0]} lacks 'id' or 'completion' ({len(bad)} such lines)")
-    by_id = {it["id"]: it for it in task.load(args.split, data_dir=args.data_dir)}
+    by_id = {it["id"]: it for it in load_items(task, args)}
     missing = [line["id"] for line in lines if line["id"] not in by_id]
     if missing:
         raise ValueError(f"{args.score}: {len(missing)} ids not in {task.name} {args.split}, e.g. {missing[0]!r}")

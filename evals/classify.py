@@ -2,8 +2,10 @@
 
 Transformer²'s first pass (paper §3.3, "prompt engineering" and "classification expert") asks the
 model to label a question code / math / reasoning / other, answering inside \\boxed{}. The prompt
-and the parser live here, once: dispatch.py imports them for the base model's pass 1, and this
-Task trains the classification expert z^c with REINFORCE (reward +1 iff the boxed label is right).
+(INSTRUCTION below: the paper's adaptation prompt, its Figure 3, in our words with its structure)
+and the parser live here, once: dispatch.py imports them for the base model's pass 1 (and quotes
+the prompt in its docstring), and this Task trains the classification expert z^c with REINFORCE
+(reward +1 iff the boxed label is right).
 
 Items: questions from the TRAINING side of the three expert tasks, labelled by their task:
 gsm8k → math, mbpp → code, arc_easy → reasoning. Split "train" draws from each task's "train"

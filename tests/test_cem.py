@@ -6,6 +6,7 @@ Run as a script (`python tests/test_cem.py ARGS`), this file is cem.py's CLI wit
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from scipy.stats import binomtest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,8 @@ def test_expert_names_in_logs():
 def test_ties_are_broken_by_log_likelihood():
     acc = torch.tensor([0.5, 0.7, 0.7, 0.1])
     ll = torch.tensor([-0.1, -2.0, -1.0, 0.0])
-    assert cem.rank_key(acc, ll) == [2, 1, 0, 3]
+    assert cem.ranking(acc, ll) == [2, 1, 0, 3]
+    assert cem.ranking(torch.zeros(3), torch.zeros(3)) == [0, 1, 2]  # equals keep their order: the incumbent first
 
 
 def test_incumbent_is_member_zero_and_reevaluated():
@@ -311,9 +313,109 @@ def test_cli_per_layer_and_theta_mode(tiny_dir, tmp_path, monkeypatch, flags):
         torch.testing.assert_close(adapted[n], want, rtol=1e-5, atol=1e-6)
     if "--per-layer" in flags:  # the columns really differ, so a per-expert α would not pass
         assert not torch.allclose(alpha[:, 0], alpha[:, 1])
-    zs, _ = dispatch.fewshot_z(out / "alpha.json", Transformer.from_pretrained(tiny_dir))
+    zs = dispatch.fewshot_z(out / "alpha.json", Transformer.from_pretrained(tiny_dir)).zs
     for n in names:
         torch.testing.assert_close(zs[n], adapted[n], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- flags, defaults, bad files
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--elites", "5", "--population", "2"], "--elites"), (["--elites", "1"], "--elites"),
+    (["--population", "0"], "--population"), (["--shots", "0"], "--shots"), (["--generations", "-2"], "--generations"),
+    (["--limit", "-1"], "--limit"), (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens"), (["--init-std", "0"], "--init-std"),
+    (["--init-std", "nan"], "--init-std"), (["--slots", "0"], "--slots"),
+])
+def test_bad_counts_are_refused_where_parsed(flags, flag, capsys):
+    """Each was accepted (and ran wrong: --limit -1 the whole split but one, --max-new-tokens 0 the
+    default) or a traceback minutes later (--population 0, --shots 0, --elites > --population)."""
+    with pytest.raises(SystemExit) as e:
+        cem.get_args(["--task", "math", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and "Traceback" not in err, err
+
+
+def test_shots_must_leave_items_to_report():
+    items = [{"id": i} for i in range(5)]
+    shots, rest = cem.draw_shots(items, 2, seed=0)
+    assert len(shots) == 2 and [it["id"] for it in rest] == sorted(set(range(5)) - {it["id"] for it in shots})
+    with pytest.raises(ValueError, match="--shots 5: the split has 5 items"):
+        cem.draw_shots(items, 5, seed=0)
+
+
+def test_a_damaged_search_file_is_one_line_naming_it(tmp_path, capsys):
+    """search.pt cut short by a full disk (or any other file under that name): refused by name, not
+    a zip/unpickling traceback."""
+    fit = lambda pop: (pop[:, 0], torch.zeros(len(pop)))  # noqa: E731
+    state = tmp_path / "search.pt"
+    cem.cem(fit, (3,), cem_args(generations=1), lambda *_: None, state=state, config={"x": 1})
+    state.write_bytes(state.read_bytes()[:300])
+    with pytest.raises(SystemExit) as e:
+        cli.run(cem.cem, fit, (3,), cem_args(generations=2), lambda *_: None, state, {"x": 1})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {state}: not a readable CEM search") and err.count("\n") == 1
+    torch.save({"some": "thing"}, state)
+    with pytest.raises(ValueError, match=r"search\.pt: not a CEM search file"):
+        cem.cem(fit, (3,), cem_args(generations=2), lambda *_: None, state=state, config={"x": 1})
+
+
+def test_no_flags_means_the_shipped_experts_on_their_base_model(tmp_path, monkeypatch):
+    """`python cem.py --task math`: the shipped math/code/reasoning experts; the model is the one their
+    metadata names, under checkpoints/ (missing: the make command that fetches it)."""
+    args = cem.get_args(["--task", "math"])
+    assert [Path(f).name for f in args.experts] == ["math.safetensors", "code.safetensors", "reasoning.safetensors"]
+    assert all(Path(f).parent == ROOT / "experts" / "qwen2.5-coder-0.5b-instruct" for f in args.experts)
+    experts = [svf.Expert.load(f) for f in args.experts]
+    if (ROOT / "checkpoints" / "qwen2.5-coder-0.5b-instruct" / "config.json").exists():
+        assert cem.base_model(experts) == ROOT / "checkpoints" / "qwen2.5-coder-0.5b-instruct"
+    monkeypatch.setattr(cem, "ROOT", tmp_path)  # a fresh clone before `make model MODEL=qwen2.5-coder-0.5b`
+    with pytest.raises(FileNotFoundError, match=r"qwen2.5-coder-0.5b-instruct: missing.*`make model MODEL=qwen2.5-coder-0.5b`"):
+        cem.base_model(experts)
+
+
+def test_experts_of_another_model_are_refused_before_it_loads(smollm2_dir, capsys, monkeypatch):
+    """The shipped (Qwen) experts on SmolLM2: refused from config.json, before the model loads or any SVD."""
+    def fail(*a, **k):
+        raise AssertionError("loaded the model or built an SVD cache for experts that cannot fit it")
+    monkeypatch.setattr(Transformer, "from_pretrained", fail)
+    monkeypatch.setattr(svd_cache, "load", fail)
+    with pytest.raises(SystemExit) as e:
+        cli.run(cem.main, cem.get_args(["--task", "math", "--model", str(smollm2_dir)]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and "math.safetensors: does not fit" in err
+    assert "qwen2.5-coder-0.5b-instruct" in err and err.count("\n") == 1
+
+
+def test_same_shapes_other_weights_are_refused_before_any_svd(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Experts of the tiny model on a copy with one weight changed: the shapes fit, the fingerprint
+    does not, and that is found before svf.load_experts builds an SVD cache for the copy."""
+    paths = expert_files(tiny_dir, tmp_path, monkeypatch)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dir, other)
+    state = load_file(other / "model.safetensors")
+    state["model.layers.0.mlp.up_proj.weight"] *= 1.01
+    save_file(state, other / "model.safetensors")
+
+    def fail(*a, **k):
+        raise AssertionError("built an SVD cache for the wrong base model")
+    monkeypatch.setattr(svd_cache, "load", fail)
+    capsys.readouterr()  # the experts' own SVD progress
+    with pytest.raises(SystemExit) as e:
+        cli.run(cem.main, cem.get_args(["--task", "parity", "--model", str(other), "--experts", *paths]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {paths[0]}: trained on base weights") and str(other) in err
+
+
+def test_bench_tool_times_one_generation(tiny_dir, tmp_path, monkeypatch, capsys):
+    """tools/bench_cem.py (was cem.py --bench): both ways run one generation and report a speed-up."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_cem
+    paths = expert_files(tiny_dir, tmp_path, monkeypatch)
+    batched, single = bench_cem.bench(cem.get_args(["--task", "parity", "--model", str(tiny_dir), "--experts", *paths,
+                                                    "--shots", "2", "--population", "3", "--elites", "2",
+                                                    "--max-new-tokens", "2"]))
+    assert batched > 0 and single > 0 and "speed-up" in capsys.readouterr().out
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Tiny random models and random experts; the real SmolLM2 tokenizer for the end-to
 """
 import json
 import shutil
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,8 @@ import svf
 from evals import get_task
 from evals.classify import CATEGORIES, classification_messages, cls_task, parse_category
 from model import ModelConfig, Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_model(seed=0, vocab=64):
@@ -126,8 +130,8 @@ def test_fewshot_reads_cem_json(tmp_path, monkeypatch):
     spec = tmp_path / "alpha.json"
     spec.write_text(json.dumps({"experts": paths, "alpha": [0.0, 0.0, 2.0], "mode": "z", "per_layer": False,
                                 "normalize": True}))
-    zs, rescale = dispatch.fewshot_z(spec, model)
-    assert rescale and all(torch.equal(zs[n], experts["reasoning"].z(n)) for n in zs)
+    mix = dispatch.fewshot_z(spec, model)
+    assert mix.rescale and all(torch.equal(mix.zs[n], experts["reasoning"].z(n)) for n in mix.zs)
     spec.write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"alpha\.json: not cem\.py's alpha\.json"):
         dispatch.fewshot_z(spec, model)
@@ -174,8 +178,6 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path, capsys):
     assert code == 2 and "error: --experts lacks code=FILE, reasoning=FILE" in err
     code, err = run_cli(["--task", "math", "--strategy", "fewshot", "--model", str(tmp_path)], capsys)
     assert code == 2 and "error: --strategy fewshot needs --alpha FILE" in err
-    code, err = run_cli(["--task", "math", "--strategy", "cls", "--classify-only"], capsys)
-    assert code == 2 and "error: --strategy cls needs --cls-expert FILE" in err
     code, err = run_cli(["--task", "nosuchtask", "--classify-only"], capsys)
     assert code == 2 and err.startswith("error: unknown task 'nosuchtask'")
     # a question after --experts (nargs *) is read as one more expert: say so rather than "no prompt"
@@ -224,13 +226,11 @@ def test_cli_task_and_prompt_end_to_end(tiny_run):
     folder, specs, tmp = tiny_run
     common = ["--model", str(folder), "--experts", *specs, "--threads", "1"]
     s = dispatch.main(dispatch.get_args(["--task", "gsm8k", "--limit", "3", "--slots", "2",
-                                         "--max-new-tokens", "3", "--compare-base", "--time-merged",
+                                         "--max-new-tokens", "3", "--compare-base",
                                          "--out", str(tmp / "out"), *common]))
     assert s["n"] == 3 and sum(map(sum, s["confusion"])) == 3 and s["categories"] == list(CATEGORIES)
     assert sum(s["confusion"][CATEGORIES.index("math")]) == 3  # gsm8k's true category is math
     assert s["pass1_s"] > 0 and s["pass2_s"] > 0 and "mcnemar_p" in s and "(n=3)" in s["acc"]
-    # the official way (a weight merge per category group) gives the routed batch's answers
-    assert s["merged_pass2_s"] > 0 and s["merged_same"] == 3
     rows = [json.loads(line) for line in (tmp / "out" / "items.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and [r["category"] for r in rows] == [cls_task.extract(r["pass1"]) for r in rows]
     # format apart from accuracy: answered = the task finds a final answer in the row's completion
@@ -245,32 +245,22 @@ def test_cli_task_and_prompt_end_to_end(tiny_run):
     assert one["expert"] == ("base weights" if one["category"] == "other" else f"{tmp / one['category']}.safetensors")
 
 
-def test_a_rerun_after_a_kill_keeps_passes_1_and_2(tiny_run, monkeypatch):
-    """Killed during the --time-merged timing: passes.json and items.jsonl are on disk, and the rerun of
-    the same command only times the merged pass 2 (classify and pass2 would fail); other settings redo all."""
+def test_bench_tool_times_pass2_merged_per_category(tiny_run):
+    """tools/bench_dispatch.py (was dispatch.py --time-merged): pass 2 again, one weight merge per
+    category group, the official way: the same answers as the routed batch, its time added to summary.json."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_dispatch
     folder, specs, tmp = tiny_run
-    argv = ["--task", "gsm8k", "--limit", "3", "--slots", "2", "--max-new-tokens", "3", "--time-merged",
-            "--model", str(folder), "--experts", *specs, "--threads", "1", "--out", str(tmp / "k")]
-
-    def killed(*a, **k):
-        raise KeyboardInterrupt
-    with monkeypatch.context() as m:
-        m.setattr(dispatch, "pass2_merged", killed)
-        with pytest.raises(KeyboardInterrupt):
-            dispatch.main(dispatch.get_args(argv))
-    assert (tmp / "k" / "passes.json").exists() and not (tmp / "k" / "summary.json").exists()
-    first = json.loads((tmp / "k" / "passes.json").read_text())
-    with monkeypatch.context() as m:
-        m.setattr(dispatch, "classify", killed)
-        m.setattr(dispatch, "pass2", killed)
-        s = dispatch.main(dispatch.get_args(argv))
-    assert s["merged_same"] == 3 and s["merged_pass2_s"] > 0
-    assert {k: v for k, v in s.items() if not k.startswith("merged")} == {k: v for k, v in first.items() if k != "run"}
-    assert json.loads((tmp / "k" / "summary.json").read_text()) == s
-    with monkeypatch.context() as m:  # another --max-new-tokens: not the same passes, so they run again
-        m.setattr(dispatch, "classify", killed)
-        with pytest.raises(KeyboardInterrupt):
-            dispatch.main(dispatch.get_args([*argv, "--max-new-tokens", "2"]))
+    s = dispatch.main(dispatch.get_args(["--task", "gsm8k", "--limit", "3", "--slots", "2", "--max-new-tokens", "3",
+                                         "--model", str(folder), "--experts", *specs, "--threads", "1",
+                                         "--out", str(tmp / "out")]))
+    b = bench_dispatch.main(bench_dispatch.get_args([str(tmp / "out"), "--threads", "1"]))
+    assert b["merged_pass2_s"] > 0 and b["merged_same"] == 3 and b["pass2_s"] == s["pass2_s"]
+    assert json.loads((tmp / "out" / "summary.json").read_text()) == b
+    dispatch.main(dispatch.get_args(["--task", "gsm8k", "--limit", "2", "--classify-only", "--model", str(folder),
+                                     "--threads", "1", "--out", str(tmp / "p1")]))
+    with pytest.raises(ValueError, match="no routed pass 2 to time against"):
+        bench_dispatch.main(bench_dispatch.get_args([str(tmp / "p1")]))
 
 
 def test_fewshot_task_leaves_out_the_cem_shots(tiny_run):
@@ -329,3 +319,59 @@ def test_cli_classify_only_cls_and_free_form(varied_run):
     s, rows = run("cls2", "--strategy", "cls", "--cls-expert", cls_file, "--experts", *specs, "--max-new-tokens", "2")
     assert s["strategy"] == "cls" and "(n=4)" in s["acc"] and all("completion" in r for r in rows)
     assert [r["pass1"] for r in rows] == [r["pass1"] for r in rows_c]
+
+
+# ----------------------------------------------------------------------------- the reader, defaults, bad input
+
+def test_the_docstring_shows_the_adaptation_prompt():
+    """dispatch.py quotes the paper's pass-1 prompt (Figure 3) as evals/classify.py defines it, word for word."""
+    from evals.classify import INSTRUCTION
+    words = lambda s: " ".join(s.split())  # noqa: E731
+    assert words(INSTRUCTION.format(question="{question}")) in words(dispatch.__doc__)
+    assert "evals/classify.py" in dispatch.__doc__ and '"\\boxed{"' in dispatch.__doc__
+
+
+def test_no_flags_means_the_shipped_experts():
+    shipped = ROOT / "experts" / "qwen2.5-coder-0.5b-instruct"
+    args = dispatch.get_args(["What is 2 + 2?"])
+    assert args.model is None and args.experts == {c: str(shipped / f"{c}.safetensors") for c in ("math", "code", "reasoning")}
+    assert args.cls_expert is None
+    assert dispatch.get_args(["Hi", "--strategy", "cls"]).cls_expert == str(shipped / "cls.safetensors")
+
+
+def test_shipped_experts_on_another_model_are_refused_before_it_loads(smollm2_dir, capsys, monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("loaded a model or built an SVD cache for experts that cannot fit it")
+    monkeypatch.setattr(Transformer, "from_pretrained", fail)
+    monkeypatch.setattr(svd_cache, "load", fail)
+    code, err = run_cli(["What is 2 + 2?", "--model", str(smollm2_dir)], capsys)
+    assert code == 2 and "math.safetensors: does not fit" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, flag", [(["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"),
+                                         (["--max-new-tokens", "0"], "--max-new-tokens"),
+                                         (["--max-new-tokens", "-5"], "--max-new-tokens"),
+                                         (["--slots", "0"], "--slots"), (["--threads", "0"], "--threads")])
+def test_bad_counts_are_refused_where_parsed(flags, flag, capsys):
+    """--limit -1 ran the whole split but one, --max-new-tokens 0 silently meant the default."""
+    with pytest.raises(SystemExit) as e:
+        dispatch.get_args(["--task", "gsm8k", *flags])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(capsys):
+    """Bytes that are not UTF-8 in argv arrive as lone surrogates; the tokenizer raised a TypeError."""
+    with pytest.raises(SystemExit) as e:
+        dispatch.get_args(["Hello \udcff world"])
+    assert e.value.code == 2 and "is not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_prompt_over_the_context_is_refused_before_the_model_loads(tiny_run, capsys, monkeypatch):
+    """The tiny model's context is 4,096 tokens (config.json has none: the default): a longer question
+    is refused with its length and the limit, before the model loads."""
+    folder, specs, tmp = tiny_run
+    monkeypatch.setattr(Transformer, "from_pretrained", lambda *a, **k: pytest.fail("loaded the model"))
+    code, err = run_cli(["word " * 5000, "--model", str(folder), "--experts", *specs], capsys)
+    assert code == 2 and "the question needs" in err and "is 4,096 (config.json max_position_embeddings)" in err
+    code, err = run_cli(["word " * 3900, "--model", str(folder), "--experts", *specs, "--max-new-tokens", "300"], capsys)
+    assert code == 2 and "lower --max-new-tokens" in err  # fits alone, not with 300 new tokens

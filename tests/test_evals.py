@@ -448,6 +448,33 @@ def test_cli_bad_input_is_one_line_naming_the_file(tmp_path):
     assert code == 2 and "invalid choice: 'fp64'" in err
 
 
+@pytest.mark.parametrize("flags, flag", [
+    (["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"), (["--offset", "-1"], "--offset"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"), (["--max-new-tokens", "-5"], "--max-new-tokens"),
+    (["--slots", "0"], "--slots"), (["--temperature", "-1"], "--temperature"), (["--temperature", "nan"], "--temperature"),
+    (["--threads", "0"], "--threads"), (["--system", "be \udcff brief"], "--system"),
+])
+def test_cli_counts_and_text_are_checked_where_parsed(flags, flag, capsys):
+    """--limit -1 ran the whole split but one and --max-new-tokens 0 meant the task's default; a
+    --system that is not UTF-8 (argv bytes arrive as lone surrogates) was a tokenizer TypeError."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--task", "gsm8k", "--model", "m", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}" in err and "Traceback" not in err
+
+
+def test_cli_a_data_row_without_its_field_is_one_line(tmp_path, capsys):
+    """A GSM8K file whose row has no "question": one line naming the task, split and data folder,
+    before any model is loaded (the --model here does not exist)."""
+    import cli
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(json.dumps({"answer": "#### 3"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, parse_args(["--task", "gsm8k", "--data-dir", str(tmp_path), "--model", str(tmp_path / "none")]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"error: gsm8k test: a row of its data file in {tmp_path} has no 'question' field (not the benchmark's file?)\n"
+
+
 # ----------------------------------------------------------------------------- --expert, against transformers
 
 def test_cli_expert_matches_transformers_with_adapted_weights(tiny_dir, tmp_path, monkeypatch):

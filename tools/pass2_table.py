@@ -7,7 +7,7 @@ against the first two methods (base and uniform α). "cut" counts answers that r
 cap, on the same items (blank for files that do not record it), so a change in format shows apart
 from a change in accuracy. For dispatch.py folders, the dispatch accuracy with pass 1's labels (the
 confusion matrix's row for the task's true category) and the pass-1 / pass-2 times come from
-summary.json (with dispatch.py --time-merged, also pass 2's time when merged per category group,
+summary.json (after tools/bench_dispatch.py, also pass 2's time when merged per category group,
 the official way). Below the table, for a cem.py file whose folder holds alpha.json: the α found
 and the fitness per generation (best member and population mean on the shots).
 
@@ -81,7 +81,7 @@ def main(argv=None):
             cells.append(fmt_paired(got, other))
         if summary and "pass2_s" in summary:
             times = f"{summary['pass1_s']:.0f} s / {summary['pass2_s']:.0f} s = {summary['ratio']:.2f}"
-            if "merged_pass2_s" in summary:  # dispatch.py --time-merged: pass 2 merged per category group
+            if "merged_pass2_s" in summary:  # tools/bench_dispatch.py: pass 2 merged per category group
                 times += f" (pass 2 merged per group: {summary['merged_pass2_s']:.0f} s)"
             cells += [f"{summary.get('dispatch', '')}: {labels(summary)}", times]
         else:
