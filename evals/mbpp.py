@@ -18,7 +18,9 @@ continuing the "```python\n" prefill and closed by the fence that stops generati
     python -m evals --task mbpp --model checkpoints/qwen2.5-coder-0.5b-instruct --split test
 """
 import ast
+import builtins
 import random
+import warnings
 
 from evals.common import (CODE_SYSTEM, Task, check_code, extract_code, fetch, offline_or_fetch, read_jsonl,
                           read_olmo_docs)
@@ -38,16 +40,22 @@ def program(item: dict, code: str) -> "Program":
     a program that redefines `set` or `sorted` does not change the judge's)."""
     from evals.sandbox import Program  # here: `python -m evals.sandbox` imports evals first
 
-    return Program(code=f"{code}\n\n{item['setup']}\n", tests="\n".join(item["tests"]) + "\n",
+    return Program(code=f"{code}\n\n{item.get('setup', '')}\n", tests="\n".join(item["tests"]) + "\n",
                    names=interface(item))
 
 
 def interface(item: dict) -> tuple[str, ...]:
-    """Names the tests use that the reference code or the setup define at top level."""
+    """Names the tests use that the reference code or the setup define at top level (an item with no
+    reference code: the names that are not builtins)."""
     used = {n.id for t in item["tests"] for n in ast.walk(ast.parse(t)) if isinstance(n, ast.Name)}
+    if "gold" not in item:
+        return tuple(sorted(used - set(dir(builtins))))
     defined = set()
-    for src in (item["gold"], item["setup"]):
-        for node in ast.parse(src).body:
+    for src in (item["gold"], item.get("setup", "")):
+        with warnings.catch_warnings():  # some reference code has invalid escapes such as '\W'
+            warnings.simplefilter("ignore")
+            body = ast.parse(src).body
+        for node in body:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 defined.add(node.name)
             elif isinstance(node, (ast.Assign, ast.AnnAssign)):  # task 367's setup: root = Node(1)
