@@ -24,8 +24,11 @@ shadows `sorted` or patches `builtins` cannot make it true. The judge takes from
 the names the task asks for (HumanEval: the entry point; MBPP: what the reference solution and the
 setup define). A program that exits, raises at top level or during a call with SystemExit,
 crashes, or sends anything but an answer fails; a plain `Exception` it raises is re-raised in the
-judge as the builtin exception of that name. A bare string (no tests) passes if it runs without
-raising: that is the program's own claim, used only to check the containment below.
+judge as the builtin exception of that name. What the program controls is its answers, and only
+them (it could write them to its pipe without any function, which is no more than hard-coding
+`return 6`): a pass means the judge's asserts held for those answers. A bare string (no tests)
+passes if it runs without raising: that is the program's own claim, used only to check the
+containment below.
 
 Containment of the worker where Linux allows unprivileged user namespaces (tried once per process;
 root and a normal user get the same path):
