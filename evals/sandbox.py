@@ -66,6 +66,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -137,6 +138,7 @@ PYTHON, DROP_UID = _pick_interpreter()
 SLOTS = 256               # per evaluator process: slot 255 is the judges' uid, the others one program each
 _slots: dict[int, "queue.Queue[int]"] = {}
 NAMESPACES = None         # None: not probed yet; then True/False (tests may set it)
+_probe_lock = threading.Lock()
 
 
 def uid_range() -> range:
@@ -207,13 +209,15 @@ def namespaces() -> bool:
     """Can a worker contain itself here? Tried once per process by starting one; if not, one line
     says what is not contained."""
     global NAMESPACES
-    if NAMESPACES is None:
-        status = _spawn(Program(""), timeout=10.0, memory_mb=MEMORY_MB, ns=True)
-        NAMESPACES = status == "passed"
-        if not NAMESPACES:
-            left = ("the network is open (files left in /tmp, /var/tmp, /dev/shm are removed by uid)" if DROP_UID
-                    else "programs can reach the network, your files and the judge that scores them")
-            print(f"sandbox: user namespaces refused ({status}); {left}", file=sys.stderr)
+    with _probe_lock:  # threads calling run_program at once probe (and warn) once
+        if NAMESPACES is None:
+            status = _spawn(Program(""), timeout=10.0, memory_mb=MEMORY_MB, ns=True)
+            NAMESPACES = status == "passed"
+            if not NAMESPACES:
+                left = ("the network is open and programs write wherever their uid may (what they leave in "
+                        f"{', '.join(WORLD_WRITABLE)} is removed)" if DROP_UID else
+                        "programs can reach the network, your files and the judge that scores them")
+                print(f"sandbox: user namespaces refused ({status}); {left}", file=sys.stderr)
     return NAMESPACES
 
 
