@@ -18,7 +18,7 @@ What crosses is JSON with tags for None, bool, int, float, complex, str, bytes, 
 tuple, set, frozenset, dict, range, dict views, iterators (exhausted), Counter, OrderedDict, deque,
 Fraction and Decimal, rebuilt in the judge as those exact types; anything else (functions, classes,
 the program's own objects) as an opaque handle that can be called or passed back and equals only
-itself. So `assert f(x) == y` is decided by the judge's own `==` on the judge's own objects, with
+itself; the tests can pass the program only such data and its own handles (not a function of theirs). So `assert f(x) == y` is decided by the judge's own `==` on the judge's own objects, with
 the judge's own builtins: an always-equal object, an int subclass that lies, a program that
 shadows `sorted` or patches `builtins` cannot make it true. The judge takes from the program only
 the names the task asks for (HumanEval: the entry point; MBPP: what the reference solution and the
