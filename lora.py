@@ -37,13 +37,7 @@ from safetensors.torch import save_file
 import cli
 import svd_cache
 from model import replace_module
-
-def refuse_nonfinite(tensors, what):
-    """A NaN or ±inf in A or B is refused by name: merged it gives NaN weights and no error."""
-    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
-    if bad:
-        raise ValueError(f"{what}: {bad[0]} holds NaN or inf ({len(bad)} of {len(tensors)} tensors); refusing it")
-
+from svf import refuse_nonfinite  # NaN or inf in A or B: refused by name where read and before written
 
 def target_names(model, targets="qv", layers=None):
     """Weight names to adapt, in model order: targets "qv" (the paper's LoRA), "mlp", "qv,mlp", "q,k,v,o", ...
