@@ -245,14 +245,16 @@ def load(model, targets="mlp", layers=None, root=None, device=None, names=None):
     remove_orphans(folder)  # temp files of killed builds (cli.atomic_write names them .<file>.tmp<pid>)
     shapes = {n: tuple(model.get_parameter(n).shape) for n in names}
     base_dtype = str(model.get_parameter(names[0]).dtype).removeprefix("torch.")
-    todo = []
+    todo, bad = [], []
     for name in names:
         path = folder / f"{name}.safetensors"
         if not path.exists():
             todo.append(name)
         elif problem := verify(path):
-            warnings.warn(f"{path}: {problem}; rebuilding it")
+            bad.append(f"{path}: {problem}")
             todo.append(name)
+    if bad:  # one warning, not one per file: a whole cache from before checksums is 72 files on Qwen
+        warnings.warn(f"{bad[0]}; rebuilding it" + (f" and {len(bad) - 1} more SVD cache files" if len(bad) > 1 else ""))
     work_device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in tqdm(todo, desc=f"SVD {len(todo)}/{len(names)} matrices", disable=not todo, unit="mat"):
         U, S, Vh = (t.cpu().contiguous() for t in decompose(model.get_parameter(name).detach().to(work_device)))
