@@ -36,6 +36,8 @@ from safetensors.torch import save_file
 
 import cli
 import svd_cache
+from model import replace_module
+from svf import refuse_nonfinite  # NaN or inf in A or B: refused by name where read and before written
 
 def target_names(model, targets="qv", layers=None):
     """Weight names to adapt, in model order: targets "qv" (the paper's LoRA), "mlp", "qv,mlp", "q,k,v,o", ...
@@ -85,15 +87,13 @@ def attach(model, names, dropout=0.0):
     """Replace each target nn.Linear by a LoRALinear (in place, idempotent); inactive until set_params."""
     for name in names:
         path = name.removesuffix(".weight")
-        parent, child = path.rsplit(".", 1)
         if not isinstance(mod := model.get_submodule(path), LoRALinear):
-            setattr(model.get_submodule(parent), child, LoRALinear(mod, dropout).train(mod.training))  # keep eval mode
+            replace_module(model, path, LoRALinear(mod, dropout).train(mod.training))  # keep eval mode
 
 
 def detach(model):
     for path, mod in lora_modules(model):
-        parent, child = path.rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, mod.base)
+        replace_module(model, path, mod.base)
 
 
 def set_params(model, params, scale):
@@ -128,10 +128,9 @@ class Adapter:
         return sum(t.numel() for t in self.params.values())
 
     def save(self, path):
-        (path := Path(path)).parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({n: t.contiguous() for n, t in self.params.items()}, tmp, metadata=self.meta)
-        os.replace(tmp, path)  # atomic: a crash never leaves half an adapter
+        refuse_nonfinite(self.params, f"{path}: not written")
+        with cli.atomic_write(path) as tmp:  # a crash never leaves half an adapter
+            save_file({n: t.contiguous() for n, t in self.params.items()}, tmp, metadata=self.meta)
 
     @classmethod
     def load(cls, path):
@@ -139,9 +138,11 @@ class Adapter:
             raise FileNotFoundError(f"{path}: no such adapter file")
         try:
             with safe_open(path, framework="pt") as f:
-                return cls({n: f.get_tensor(n) for n in f.keys()}, dict(f.metadata() or {}), str(path))
+                adapter = cls({n: f.get_tensor(n) for n in f.keys()}, dict(f.metadata() or {}), str(path))
         except Exception as e:  # truncated or corrupt: safetensors raises its own error types
             raise ValueError(f"{path}: cannot read safetensors ({e})") from None
+        refuse_nonfinite(adapter.params, str(path))
+        return adapter
 
     def check(self, model):
         """One clear ValueError when this file does not fit `model` (not LoRA, other weights or shapes)."""
@@ -183,7 +184,7 @@ def merged(model, adapter_or_params, scale=None):
     elif scale is None:
         raise ValueError("merged: a dict of LoRA tensors needs scale=alpha/r")
     paused = {mod: (mod.A, mod.B) for _, mod in lora_modules(model)}
-    backup = {}  # on the CPU: a GPU model pays no extra GPU memory for the copy
+    backup, digests = {}, {}  # backup on the CPU: a GPU model pays no extra GPU memory for the copy
     try:
         with torch.no_grad():
             for mod in paused:
@@ -191,6 +192,7 @@ def merged(model, adapter_or_params, scale=None):
             for a in [n for n in params if n.endswith(".lora_A")]:
                 p = a.removesuffix(".lora_A")
                 W = model.get_parameter(f"{p}.weight")
+                digests[p] = svd_cache.known_digest(W)
                 backup[p] = W.detach().to("cpu", copy=True)
                 dt = torch.promote_types(W.dtype, torch.float32)  # float32 at least, then the model's dtype
                 A, B = params[a].to(W.device, dt), params[f"{p}.lora_B"].to(W.device, dt)
@@ -199,7 +201,8 @@ def merged(model, adapter_or_params, scale=None):
     finally:
         with torch.no_grad():
             for p, w in backup.items():
-                model.get_parameter(f"{p}.weight").copy_(w)
+                (W := model.get_parameter(f"{p}.weight")).copy_(w)
+                svd_cache.restamp(W, digests[p])  # the same values: the next check hashes nothing
             for mod, (A, B) in paused.items():
                 mod.A, mod.B = A, B
 
@@ -220,6 +223,7 @@ def main(argv=None):
     m = sub.add_parser("merge", help="write an HF folder with W + (alpha/r)·B·A merged in")
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True, help="new folder (model.safetensors + config/tokenizer copies)")
+    m.add_argument("--force", action="store_true", help="replace an existing --out model folder")
     for q in (i, m):
         q.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
         cli.add_device_args(q)
@@ -236,10 +240,12 @@ def main(argv=None):
         print(f"{args.out} | {len(names)} matrices | r={args.rank} alpha={args.alpha:g} | "
               f"{adapter.n_params():,} parameters | base {adapter.meta['base_fingerprint']}")
     elif args.cmd == "merge":
+        if not args.force:
+            cli.refuse_existing(args.out, "--force")
         adapter = Adapter.load(args.adapter)  # a bad file fails before the model loads
         model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         with merged(model, adapter):
-            save_folder(model, args.model, args.out)
+            save_folder(model, args.model, args.out, replace=args.force)
         print(f"{args.out} | {len(adapter.params) // 2} matrices merged from {args.adapter} (scale {adapter.scale:g})")
     else:
         p.print_help()

@@ -437,23 +437,46 @@ def load_checked(model, expected, state, path, what, dtype):
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
 
 
-def save_folder(model, src, out):
-    """Write `model`'s current weights as an HF folder `out`, with every other file (config,
-    generation config, tokenizer) copied from the checkpoint folder `src` it was loaded from.
-    svf.py / lora.py `merge` call it with an adapter merged in: a plain model anyone can load."""
+def save_folder(model, src, out, replace=False):
+    """Write `model`'s current weights as an HF folder `out`: one model.safetensors plus every other
+    file (config, generation config, tokenizer) of the checkpoint `src` it was loaded from, a folder
+    or a hub id. svf.py / lora.py `merge` call it with an adapter merged in: a plain model anyone can load.
+    Only the new weights go in: a base shard, its index or a .bin/.pth copy of `src` next to them
+    would let a loader that follows the index or globs *.safetensors pick up the base weights.
+    The folder is built under a temp name beside `out` and renamed at the end, so a killed merge
+    never leaves a loadable half-folder, and the next run removes the orphan. An existing `out` is
+    refused unless replace=True (the scripts' --force), and even then only a model folder is replaced."""
+    import os
     import shutil
     from safetensors.torch import save_file
-    src, out = Path(src), Path(out)
+    src, out = resolve_checkpoint(src), Path(out)  # a hub id: resolved before anything is written
     if out.resolve() == src.resolve():
         raise ValueError(f"{out}: --out must be a new folder, not the base model's")
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")  # safetensors refuses shared tensors; HF re-ties on load
-    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
-    for f in src.iterdir():  # everything but the weights
-        if f.is_file() and not f.name.startswith("model.safetensors"):
-            shutil.copy2(f, out / f.name)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not replace:
+            raise FileExistsError(f"{out}: already exists; pick another output or pass --force to go on")
+        if not (out / "config.json").is_file():
+            raise FileExistsError(f"{out}: exists and is not a model folder (no config.json); not replacing it")
+    remove_orphans(out.parent, f".{out.name}.tmp*")
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # safetensors refuses shared tensors; HF re-ties on load
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        for f in src.iterdir():  # everything but weights (and weight indexes); sub-folders neither
+            if f.is_file() and not (f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json")):
+                shutil.copy2(f, tmp / f.name)  # follows the hub cache's symlinks: real files
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after the rename; removed on an error
+
+
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".msgpack", ".h5"}
 
 
 def load_safetensors(path: Path) -> dict:
@@ -470,3 +493,36 @@ def load_safetensors(path: Path) -> dict:
         except Exception as e:  # truncated or corrupt files raise various safetensors errors
             raise ValueError(f"{f}: cannot read safetensors ({e})") from None
     return state
+
+
+# -----------------------------------------------------------------------------
+# Small helpers that svf.py, lora.py and svd_cache.py share
+
+def replace_module(model, path, new):
+    """Put module `new` at `path` (e.g. "model.layers.0.mlp.up_proj") and return the one it replaces:
+    svf.py and lora.py swap their layers in with it, and back out with the module it returned."""
+    parent, _, child = path.rpartition(".")
+    owner = model.get_submodule(parent)
+    old = getattr(owner, child)
+    setattr(owner, child, new)
+    return old
+
+
+def remove_orphans(folder, pattern="*.tmp*"):
+    """Delete temp files and folders `<name>.tmp<pid>` in `folder` whose process is gone: what a
+    kill -9 leaves of cli.atomic_write or save_folder (a merge of SmolLM2 leaves 538 MB).
+    A live process's temp, this one's included, is left alone."""
+    import os
+    import shutil
+    for p in Path(folder).glob(pattern):
+        pid = p.name.rpartition(".tmp")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            continue
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # another user's live process
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)

@@ -11,10 +11,14 @@ ablation), "attn" (q/k/v/o), "all";
 optionally a layer subset (a list of indices, "half" = every other layer, or "top" = the upper half). Norms, embeddings and lm_head never.
 
 Layout (outside git): $T2_CACHE or ~/.cache/transformer2, then
-    svd/<fingerprint>/<parameter name>.safetensors    tensors U, S, Vh + metadata
+    svd/<fingerprint>/<parameter name>.safetensors    tensors U, S, Vh + metadata (with their checksum)
     svd/<fingerprint>/manifest.json                   for humans: model, shapes, dtype
 The fingerprint hashes the values of every adaptable matrix (MLP and attention, all layers),
 so one folder serves every target subset of one model, and other weights never find it.
+Nothing read back is trusted blindly: each file carries a blake2b checksum of its factors, checked
+the first time a process loads it (once per process and file: a merge in a training loop pays
+nothing); a file that fails it, is cut short, or predates checksums is rebuilt, with a warning
+naming it. What a killed build left behind (a temp file of a dead process) is removed.
 
 Run it (builds what is missing, with a progress bar):
     python svd_cache.py --model checkpoints/smollm2-135m-instruct [--targets mlp] [--layers half]
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -32,6 +37,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import cli
+from model import Transformer, remove_orphans
 
 KINDS = {"attn": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
          "mlp": ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
@@ -94,15 +100,33 @@ def target_names(model, targets="mlp", layers=None):
 # Fingerprint: blake2b of the weight values. Hashing 0.5 GB takes ~0.5 s, so each matrix's digest
 # is memoised against the tensor's version counter, which every in-place write bumps (svf.merged).
 
+def digest(t):
+    """blake2b of a tensor's values as float32 (the one hash of this file: weights and factors)."""
+    return hashlib.blake2b(t.detach().float().cpu().contiguous().numpy(), digest_size=16).hexdigest()
+
+
 def matrix_digest(p):
     key = (p.data_ptr(), p._version)
     hit = getattr(p, "_t2_digest", None)  # memo stored on the Parameter itself
     if hit is None or hit[:2] != key:
         # Hash the float32 values: a model loaded in bf16 from bf16-exact weights matches its fp32 load.
-        w = p.detach().float().cpu().contiguous()
-        hit = (*key, hashlib.blake2b(w.numpy(), digest_size=16).hexdigest())
+        hit = (*key, digest(p))
         p._t2_digest = hit
     return hit[2]
+
+
+def known_digest(p):
+    """p's digest if it is memoised for p's current values, else None (hashes nothing)."""
+    hit = getattr(p, "_t2_digest", None)
+    return hit[2] if hit is not None and hit[:2] == (p.data_ptr(), p._version) else None
+
+
+def restamp(p, value):
+    """After an exact restore of p (svf.merged's and lora.merged's exits), keep p's digest memo: the
+    values are the ones hashed before, only the version counter moved; without this, every merge
+    would re-hash the whole model at its next check. `value`: known_digest(p) from before (None: no memo)."""
+    if value is not None:
+        p._t2_digest = (p.data_ptr(), p._version, value)
 
 
 def fingerprint(model, names):
@@ -160,8 +184,11 @@ class SVDCache:
     def __getitem__(self, name):
         if name not in self.shapes:
             raise KeyError(f"{name} is not in this SVD cache (targets {self.targets}, {len(self.names)} matrices)")
-        with safe_open(self.path(name), framework="pt", device=str(self.device)) as f:
-            return f.get_tensor("U"), f.get_tensor("S"), f.get_tensor("Vh")
+        try:  # load() verified the file; this catches one cut short since (one line naming it)
+            with safe_open(self.path(name), framework="pt", device=str(self.device)) as f:
+                return f.get_tensor("U"), f.get_tensor("S"), f.get_tensor("Vh")
+        except Exception as e:
+            raise ValueError(f"{self.path(name)}: cannot read SVD factors ({e}); delete it to rebuild") from None
 
     def check(self, model):
         """Refuse a cache that was built for other base weights."""
@@ -171,8 +198,39 @@ class SVDCache:
                              f"this model is {fp}")
 
 
+FACTORS = ("U", "S", "Vh")
+_verified = {}  # path -> (size, mtime, inode) of the files this process has checksummed
+
+
+def checksum(tensors):
+    """One digest of the factors of one matrix, stored in its file's metadata."""
+    return hashlib.blake2b("".join(digest(t) for t in tensors).encode(), digest_size=16).hexdigest()
+
+
+def verify(path):
+    """None when the file at `path` is whole and its factors match their stored checksum, else
+    what is wrong. Once per process and file: a file already verified (same size, mtime, inode) is
+    not read again."""
+    st = path.stat()
+    stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+    if _verified.get(str(path)) == stamp:
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            want, got = (f.metadata() or {}).get("checksum"), checksum([f.get_tensor(k) for k in FACTORS])
+    except Exception as e:  # cut short, or not safetensors at all
+        return f"unreadable ({type(e).__name__}: {e})"
+    if want is None:
+        return "made before factor checksums"
+    if want != got:
+        return "its factors fail their checksum (the file was changed on disk)"
+    _verified[str(path)] = stamp
+    return None
+
+
 def load(model, targets="mlp", layers=None, root=None, device=None, names=None):
-    """The SVD cache of `model` for these targets: build what is missing (resumable), refuse stale files.
+    """The SVD cache of `model` for these targets: build what is missing or damaged (resumable),
+    refuse files of other weights.
 
     `names` (parameter names) overrides targets/layers, e.g. to load exactly an expert's matrices.
     Tensors come back on `device` (default: the model's device).
@@ -184,20 +242,31 @@ def load(model, targets="mlp", layers=None, root=None, device=None, names=None):
     fp = model_fingerprint(model)
     folder = Path(root or default_root()) / "svd" / fp
     folder.mkdir(parents=True, exist_ok=True)
+    remove_orphans(folder)  # temp files of killed builds (cli.atomic_write names them .<file>.tmp<pid>)
     shapes = {n: tuple(model.get_parameter(n).shape) for n in names}
     base_dtype = str(model.get_parameter(names[0]).dtype).removeprefix("torch.")
-    todo = [n for n in names if not (folder / f"{n}.safetensors").exists()]
+    todo, bad = [], []
+    for name in names:
+        path = folder / f"{name}.safetensors"
+        if not path.exists():
+            todo.append(name)
+        elif problem := verify(path):
+            bad.append(f"{path}: {problem}")
+            todo.append(name)
+    if bad:  # one warning, not one per file: a whole cache from before checksums is 72 files on Qwen
+        warnings.warn(f"{bad[0]}; rebuilding it" + (f" and {len(bad) - 1} more SVD cache files" if len(bad) > 1 else ""))
     work_device = "cuda" if torch.cuda.is_available() else "cpu"
     for name in tqdm(todo, desc=f"SVD {len(todo)}/{len(names)} matrices", disable=not todo, unit="mat"):
-        U, S, Vh = decompose(model.get_parameter(name).detach().to(work_device))
+        U, S, Vh = (t.cpu().contiguous() for t in decompose(model.get_parameter(name).detach().to(work_device)))
         meta = {"fingerprint": fp, "name": name, "shape": json.dumps(list(shapes[name])),
-                "dtype": base_dtype, "targets": targets,
+                "dtype": base_dtype, "targets": targets, "checksum": checksum([U, S, Vh]),
                 "weight_digest": matrix_digest(model.get_parameter(name)), "method": METHOD}
         path = folder / f"{name}.safetensors"
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"U": U.cpu().contiguous(), "S": S.cpu(), "Vh": Vh.cpu().contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic: a killed run leaves either a whole file or none
-    for name in names:  # metadata only: cheap, and catches files copied in from another model
+        with cli.atomic_write(path) as tmp:  # a killed run leaves either a whole file or none
+            save_file({"U": U, "S": S, "Vh": Vh}, tmp, metadata=meta)
+        st = path.stat()
+        _verified[str(path)] = (st.st_size, st.st_mtime_ns, st.st_ino)  # written and hashed here
+    for name in names:  # metadata: catches files copied in from another model
         with safe_open(folder / f"{name}.safetensors", framework="pt") as f:
             m = f.metadata()
         if m.get("method") != METHOD:
@@ -210,7 +279,8 @@ def load(model, targets="mlp", layers=None, root=None, device=None, names=None):
     if todo:
         manifest = {"fingerprint": fp, "model": getattr(model, "name_or_path", "?"), "dtype": base_dtype,
                     "shapes": {n: list(s) for n, s in shapes.items()}}
-        (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        with cli.atomic_write(folder / "manifest.json") as tmp:
+            tmp.write_text(json.dumps(manifest, indent=1))
     device = device or model.get_parameter(names[0]).device
     return SVDCache(folder, names, fp, targets, layers, shapes, device)
 
@@ -225,7 +295,6 @@ def main(argv=None):
     cli.add_device_args(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from model import Transformer
     device, dtype = cli.device_and_dtype(args)
     # the fingerprint hashes the loaded values: build the cache in the dtype the runs will use
     model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)

@@ -20,15 +20,17 @@ named explicitly (--experts), never discovered by a naming convention.
 
 Why ~450 lines, past docs/STYLE.md's 100–200: "anything SVF lives in svf.py", and SVF is more than the
 formula: the factored layer with its kernel fallback, per-row z for batches, merging with an exact
-restore, the expert file format with its checks, mixing and transfer (paper §3.3, Table 5), the
-memory probe that shows no m×n gradient exists, and the init/merge/mix CLI. Each is one short
-section below.
+restore, the expert file format with its checks, mixing and transfer (paper §3.3, Table 5), and
+the init/merge/mix CLI. Each is one short section below. (The memory probe that shows no m×n
+gradient exists is a benchmark: tools/bench_svf.py.)
 
 An expert file is safetensors: tensor name = target parameter name, value = θ (float32, length r),
 string metadata: parametrization, rescale, base_model, base_fingerprint, targets, layers, task, ...
+Every θ and α is checked finite where it is read and before it is written: a NaN expert would
+merge into NaN weights and answer nothing, with exit status 0.
 
     python svf.py init  --model checkpoints/smollm2-135m-instruct --out runs/init.safetensors
-    python svf.py merge --model checkpoints/smollm2-135m-instruct --expert E.safetensors --out DIR2
+    python svf.py merge --model checkpoints/smollm2-135m-instruct --expert E.safetensors --out DIR2 [--force]
     python svf.py mix --experts E1 E2 E3 --out uniform.safetensors    # z′ = (z1 + z2 + z3) / 3
     python tools/bench_svf.py     # SVD time, one training step vs (a) no SVF and (b) the official way
 """
@@ -48,6 +50,7 @@ from safetensors.torch import save_file
 
 import cli
 import svd_cache
+from model import replace_module
 
 USE_KERNEL = None  # None: Triton kernel when x is on CUDA; True: always (tests, under TRITON_INTERPRET=1)
 _kernel = []       # lazily imported svf_linear, or None once it failed to import or to compile
@@ -58,13 +61,13 @@ def svf_matmul_torch(x, U, S, Vh, z):
     path it runs without the kernel (tests/test_kernels.py: equal to the kernel's own reference).
 
     x (B, T, n), U (m, r), S (r,), Vh (r, n), z (r,) or (B, r)  ->  y (B, T, m) in x.dtype.
-    Autograd gives, with a = Vh·x, g = dL/dy, s = Σσ/Σ(σ⊙z) (docs/PAPER.md §1):
-      dL/dz_i = s·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z)   summed over tokens,   dL/dθ = dL/dz·z(1−z)
+    Autograd gives, with a = Vh·x, g = dL/dy and the rescale ρ = Σσ/Σ(σ⊙z) (docs/PAPER.md §1):
+      dL/dz_i = ρ·σ_i·a_i·(Uᵀg)_i − σ_i·(gᵀy)/Σ(σ⊙z)   summed over tokens,   dL/dθ = dL/dz·z(1−z)
     (the second term comes through the rescale in set_z). Only (tokens × r) tensors appear; U, Vh
     do not require grad, so no m×n gradient is ever formed.
     """
-    s = (S * z).reshape(-1, 1, S.shape[0]).to(x.dtype)  # (1 or B, 1, r): one row of scales per sequence
-    return ((x @ Vh.T) * s) @ U.T                         # (B, T, r) -> (B, T, m)
+    scales = (S * z).reshape(-1, 1, S.shape[0]).to(x.dtype)  # (1 or B, 1, r): σ⊙z, one row per sequence
+    return ((x @ Vh.T) * scales) @ U.T                         # (B, T, r) -> (B, T, m)
 
 
 def svf_matmul(x, U, S, Vh, z):
@@ -150,17 +153,14 @@ def attach(model, cache):
     cache.check(model)
     for name in cache.names:
         path = name.removesuffix(".weight")
-        parent, child = path.rsplit(".", 1)
-        mod = model.get_submodule(path)
-        if not isinstance(mod, SVFLinear):
-            setattr(model.get_submodule(parent), child, SVFLinear(mod, *cache[name]))
+        if not isinstance(mod := model.get_submodule(path), SVFLinear):
+            replace_module(model, path, SVFLinear(mod, *cache[name]))
 
 
 def detach(model):
     """Put the original nn.Linear modules back."""
     for name, mod in svf_modules(model):
-        parent, child = name.removesuffix(".weight").rsplit(".", 1)
-        setattr(model.get_submodule(parent), child, mod.base)
+        replace_module(model, name.removesuffix(".weight"), mod.base)
 
 
 def set_z(model, zs, rescale=True, base_rows=None):
@@ -189,6 +189,13 @@ def model_order(name):  # model.layers.12.mlp.up_proj.weight -> (12, 5)
     return int(parts[2]), svd_cache.KINDS["all"].index(".".join(parts[3:5]))
 
 
+def refuse_nonfinite(tensors, what):
+    """A NaN or ±inf in θ, z or α is refused by name: merged it gives NaN weights and no error."""
+    bad = [n for n, t in tensors.items() if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"{what}: {bad[0]} holds NaN or inf ({len(bad)} of {len(tensors)} tensors); refusing it")
+
+
 @dataclass
 class Expert:
     theta: dict                                # parameter name -> θ (r,) float32
@@ -215,12 +222,10 @@ class Expert:
         return {n: self.z(n) for n in self.theta}
 
     def save(self, path):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        save_file({n: t.detach().float().cpu().contiguous() for n, t in self.theta.items()}, tmp,
-                  metadata={k: str(v) for k, v in self.meta.items()})
-        os.replace(tmp, path)  # atomic: a crash never leaves half an expert
+        refuse_nonfinite(self.theta, f"{path}: not written")
+        with cli.atomic_write(path) as tmp:  # a crash never leaves half an expert
+            save_file({n: t.detach().float().cpu().contiguous() for n, t in self.theta.items()}, tmp,
+                      metadata={k: str(v) for k, v in self.meta.items()})
 
     @classmethod
     def load(cls, path):
@@ -230,37 +235,74 @@ class Expert:
         try:
             with safe_open(path, framework="pt") as f:
                 names = sorted(f.keys(), key=model_order)
-                return cls({n: f.get_tensor(n) for n in names}, dict(f.metadata() or {}), str(path))
+                expert = cls({n: f.get_tensor(n) for n in names}, dict(f.metadata() or {}), str(path))
         except (ValueError, IndexError) as e:  # a key that is not model.layers.I.KIND.weight
             raise ValueError(f"{path}: not an SVF expert file ({e})") from None
         except Exception as e:  # truncated or corrupt: safetensors raises its own error types
             raise ValueError(f"{path}: cannot read safetensors ({e})") from None
+        refuse_nonfinite(expert.theta, str(path))
+        return expert
 
-    def check(self, model, cache):
-        """One clear ValueError when this expert does not fit `model` (other weights or shapes)."""
+    def check(self, model, cache=None):
+        """One clear ValueError when this expert does not fit `model` (other weights, a matrix the model
+        lacks, other shapes). It needs only the model's weights, so load_experts runs it before any SVD
+        work; with `cache`, the cache is checked against the model too."""
         missing = [k for k in ("parametrization", "rescale", "base_fingerprint") if k not in self.meta]
         if missing:
             raise ValueError(f"{self.source}: not an SVF expert file (metadata lacks {missing})")
-        fp = self.meta["base_fingerprint"]
-        if fp != "*" and fp != cache.fingerprint:  # "*": transferred on purpose (transfer())
+        fp, here = self.meta["base_fingerprint"], cache.fingerprint if cache else svd_cache.model_fingerprint(model)
+        if fp != "*" and fp != here:  # "*": transferred on purpose (transfer())
             raise ValueError(f"{self.source}: expert was trained for base {fp} "
-                             f"({self.meta.get('base_model', '?')}), this model is {cache.fingerprint} (the fingerprint "
+                             f"({self.meta.get('base_model', '?')}), this model is {here} (the fingerprint "
                              f"hashes the loaded values: a model loaded in bf16 differs from its fp32 load; try --dtype fp32)")
-        bad = [f"{n} has r={t.numel()}, the model's matrix {cache.shapes.get(n, 'does not exist')}"
-               for n, t in self.theta.items() if n not in cache.shapes or t.shape != (cache.rank(n),)]
+        bad = []
+        for n, t in self.theta.items():
+            try:
+                shape = tuple(model.get_parameter(n).shape)
+            except AttributeError:  # e.g. model.layers.40 on a 30-layer model
+                bad.append(f"{n}: the model has no such matrix ({model.config.num_hidden_layers} layers)")
+                continue
+            if t.shape != (min(shape),):
+                bad.append(f"{n} has r={t.numel()}, the model's matrix is {shape}")
         if bad:
             raise ValueError(f"{self.source}: expert does not fit this model: {bad[0]} ({len(bad)} mismatches)")
-        cache.check(model)
+        if cache is not None:
+            cache.check(model)
+
+
+def check_together(experts):
+    """Experts used together (mixed, or routed in one batch) must adapt the same matrices with the same
+    shapes, follow one Σσ rescale rule (a mixed z′ = Σ α_k z_k has a single rule to follow) and come
+    from one base model ("*": transferred on purpose). One ValueError naming the odd file out."""
+    first, names = experts[0], list(experts[0].theta)
+    fps = {first.meta.get("base_fingerprint")} - {"*"}
+    for e in experts[1:]:
+        if list(e.theta) != names:
+            raise ValueError(f"{e.source}: adapts other matrices than {first.source} "
+                             f"({len(e.theta)} vs {len(names)}, targets {e.meta.get('targets')} vs "
+                             f"{first.meta.get('targets')}); experts used together must adapt the same ones")
+        shape = next(((n, tuple(t.shape)) for n, t in e.theta.items() if t.shape != first.theta[n].shape), None)
+        if shape:
+            raise ValueError(f"{e.source}: {shape[0]} has shape {shape[1]}, {first.source} has "
+                             f"{tuple(first.theta[shape[0]].shape)}; experts used together must fit one model")
+        if e.rescale != first.rescale:
+            raise ValueError(f"{e.source}: rescale={e.meta.get('rescale')}, but {first.source} has "
+                             f"rescale={first.meta.get('rescale')}; experts used together must share the Σσ rescale rule")
+        fp = e.meta.get("base_fingerprint")
+        if fp != "*" and fps and fp not in fps:
+            raise ValueError(f"{e.source}: trained on base {fp}, {first.source} on {fps.pop()}; "
+                             f"experts used together must share their base model")
+        fps |= {fp} - {"*"}
 
 
 def mix(experts, alpha, mode="z"):
     """z′ = Σ_k α_k·z_k (docs/PAPER.md §4), α of shape (K,) or (K, n_matrices); returns applied z per name.
     mode "z" mixes the applied z (paper: a one-hot α gives the expert back exactly); mode "theta"
     mixes raw θ, then applies the parametrization (official code)."""
+    check_together(experts)
     names = list(experts[0].theta)
-    if any(list(e.theta) != names for e in experts):
-        raise ValueError("mix: experts adapt different matrices")
     alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    refuse_nonfinite({"alpha": alpha}, "mix")
     alpha = alpha[:, None].expand(-1, len(names)) if alpha.dim() == 1 else alpha  # (K, n_matrices)
     if alpha.shape != (len(experts), len(names)):
         raise ValueError(f"alpha must be ({len(experts)},) or ({len(experts)}, {len(names)}), got {tuple(alpha.shape)}")
@@ -276,27 +318,18 @@ def mix(experts, alpha, mode="z"):
 
 
 def load_experts(model, experts, cache=None, factored=True, root=None):
-    """The one way scripts get experts onto a model: load (paths or Expert objects) -> check that they
-    adapt the same matrices with the same rescale rule -> SVD cache of those matrices -> check each
-    against the model -> (factored=True) attach the factored layers. Returns (experts, cache).
-
-    One rescale rule for all of them: the experts' own flag (metadata "rescale"). A set that mixes
-    flags is refused, since a mixed z′ = Σ α_k z_k would have no single rule to follow."""
+    """The one way scripts get experts onto a model: load (paths or Expert objects; θ finite) -> check
+    they go together (check_together) -> check each against the model's weights and shapes -> only
+    then the SVD cache of those matrices (a mismatched expert costs no SVD) -> (factored=True) attach
+    the factored layers. Returns (experts, cache)."""
     experts = [e if isinstance(e, Expert) else Expert.load(e) for e in experts]
     if not experts:
         raise ValueError("load_experts: no expert files given")
-    first, names = experts[0], list(experts[0].theta)
-    for e in experts[1:]:
-        if list(e.theta) != names:
-            raise ValueError(f"{e.source}: adapts other matrices than {first.source} "
-                             f"({len(e.theta)} vs {len(names)}, targets {e.meta.get('targets')} vs "
-                             f"{first.meta.get('targets')}); experts used together must adapt the same ones")
-        if e.rescale != first.rescale:
-            raise ValueError(f"{e.source}: rescale={e.meta.get('rescale')}, but {first.source} has "
-                             f"rescale={first.meta.get('rescale')}; experts used together must share the Σσ rescale rule")
-    cache = cache or svd_cache.load(model, names=names, root=root)
+    check_together(experts)
     for e in experts:
-        e.check(model, cache)
+        e.check(model)
+    cache = cache or svd_cache.load(model, names=list(experts[0].theta), root=root)
+    cache.check(model)
     if factored:
         attach(model, cache)
     return experts, cache
@@ -315,66 +348,72 @@ def transfer(expert, shuffle=False, seed=0):
 # -----------------------------------------------------------------------------
 # Merging W′ into the weights
 
+def backup_on_device(weights):
+    """Where merged() keeps the base weights while W′ is in: on the weights' own device when it has room
+    for the copy with as much to spare (a device-to-device copy costs ~nothing; on the CPU that is the
+    only place), otherwise in CPU memory (on Llama-3-8B the MLP is 11 GB: a 22 GB round trip per merge
+    over PCIe, so that copy is made once per run and only the restore is paid; see keep())."""
+    W = next(iter(weights), None)
+    if W is None or W.device.type != "cuda":
+        return True
+    need = sum(w.numel() * w.element_size() for w in weights)
+    return torch.cuda.mem_get_info(W.device)[0] > 2 * need
+
+
+def keep(W):
+    """A CPU copy of W, made once and reused while W holds the same values (its version counter is
+    the one merged() stamped after its last restore)."""
+    kept = getattr(W, "_t2_backup", None)
+    if kept is None or kept[0] != W._version:
+        kept = (W._version, W.detach().to("cpu", copy=True))
+    return kept[1]
+
+
 @contextmanager
 def merged(model, expert_or_zs, cache=None, rescale=True):
     """Inside the block the target weights hold W′; on exit the base weights are back, bit for bit.
-    An expert (path or Expert) brings its own rescale flag; a dict of z uses `rescale`."""
+    An expert (path or Expert) brings its own rescale flag; a dict of z uses `rescale`.
+
+    Cheap enough to run before every rollout batch: the factors come from the attached layers when
+    the model has them (already on the device; no file is read), else from the SVD cache; the cache
+    check hashes nothing once the weights were hashed, because the exit re-stamps each restored
+    matrix's digest memo (its values are the hashed ones); the backup sits where it is cheapest."""
     if isinstance(expert_or_zs, (str, os.PathLike, Expert)):
         (expert,), cache = load_experts(model, [expert_or_zs], cache, factored=False)
         zs, rescale = expert.zs(), expert.rescale
     else:
         zs = expert_or_zs
+    attached = dict(svf_modules(model))
+    if all(n in attached for n in zs):  # the factored layers hold U, S, Vh on the device already
+        factors = {n: (attached[n].U, attached[n].S, attached[n].Vh) for n in zs}.__getitem__
+    else:
         cache = cache or svd_cache.load(model, names=list(zs))
+        factors = cache.__getitem__
+    if cache is not None:
         cache.check(model)
-    backup = {}  # on the CPU: a GPU model pays no extra GPU memory for the copy
+    weights = {name: model.get_parameter(name) for name in zs}
+    on_device = backup_on_device(weights.values())
+    backup, digests = {}, {}
     try:
         with torch.no_grad():
             for name, z in zs.items():
                 if z.dim() != 1:
                     raise ValueError(f"merged: one z per matrix, got {tuple(z.shape)} for {name} (use set_z for (B, r))")
-                U, S, Vh = cache[name]
+                U, S, Vh = factors(name)
                 z = fold_rescale(S, z.to(S.device, torch.float32), rescale)
-                W = model.get_parameter(name)
-                backup[name] = W.detach().to("cpu", copy=True)
-                W.copy_(((U * (S * z)) @ Vh).to(W.dtype))  # (m, r)·(r, n): W′ in float32, then model dtype
+                W = weights[name]
+                digests[name] = svd_cache.known_digest(W)
+                backup[name] = W.detach().clone() if on_device else keep(W)
+                W.copy_(((U.float() * (S * z)) @ Vh.float()).to(W.dtype))  # (m, r)·(r, n): W′ in float32
         yield model
     finally:
         with torch.no_grad():
             for name, w in backup.items():
-                model.get_parameter(name).copy_(w)
-
-
-# -----------------------------------------------------------------------------
-# Memory accounting (tests and tools/bench_svf.py: SVF must not need m×n gradients)
-
-def peak_memory(step):
-    """Peak bytes allocated while step() runs, above what was allocated before it.
-    CUDA: the caching allocator's counters. CPU: torch.profiler records every malloc/free of
-    torch's CPU allocator with its size; a running sum in time order gives the peak. (ru_maxrss
-    cannot be reset between runs, and tracemalloc does not see torch's allocator.) The event tree
-    is a private profiler API: if it moves, this is the one function to fix."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        node = stack.pop()
-        ef = node.extra_fields
-        if type(ef).__name__ == "_ExtraFields_Allocation" and ef.device.type == "cpu":
-            events.append((node.start_time_ns, ef.alloc_size))
-        stack.extend(node.children)
-    live = peak = 0
-    for _, nbytes in sorted(events):
-        live += nbytes
-        peak = max(peak, live)
-    return peak
+                W = weights[name]
+                W.copy_(w)
+                svd_cache.restamp(W, digests[name])
+                if not on_device:
+                    W._t2_backup = (W._version, w)
 
 
 # -----------------------------------------------------------------------------
@@ -397,9 +436,10 @@ def main(argv=None):
     m.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
     m.add_argument("--expert", required=True)
     m.add_argument("--out", required=True, help="new folder (model.safetensors + config/tokenizer copies)")
+    m.add_argument("--force", action="store_true", help="replace an existing --out model folder")
     x = sub.add_parser("mix", help="write z′ = Σ α_k z_k of trained experts as one expert (default α = 1/K)")
     x.add_argument("--experts", nargs="+", required=True, help="expert files of one base model")
-    x.add_argument("--alpha", nargs="+", type=float, default=None, help="one α per expert (default: uniform 1/K)")
+    x.add_argument("--alpha", nargs="+", type=cli.finite_float, default=None, help="one α per expert (default: uniform 1/K)")
     x.add_argument("--mode", default="z", choices=["z", "theta"], help="mix applied z (paper) or raw θ (official)")
     x.add_argument("--out", required=True, help="expert .safetensors to write")
     for q in (i, m):
@@ -419,21 +459,20 @@ def main(argv=None):
         print(f"{args.out} | {len(expert.theta)} matrices | {sum(t.numel() for t in expert.theta.values()):,} "
               f"parameters | base {cache.fingerprint}")
     elif args.cmd == "merge":
+        if not args.force:
+            cli.refuse_existing(args.out, "--force")  # before minutes of loading, not after
+        expert = Expert.load(args.expert)  # a bad file fails before the model loads
         model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
-        (expert,), cache = load_experts(model, [args.expert], root=args.root, factored=False)
+        (expert,), cache = load_experts(model, [expert], root=args.root, factored=False)
         with merged(model, expert, cache):
-            save_folder(model, args.model, args.out)
+            save_folder(model, args.model, args.out, replace=args.force)
         print(f"{args.out} | {len(expert.theta)} matrices merged from {args.expert}")
     elif args.cmd == "mix":
         experts = [Expert.load(f) for f in args.experts]
         alpha = args.alpha or [1.0 / len(experts)] * len(experts)
         if len(alpha) != len(experts):
             p.error(f"--alpha needs one value per expert ({len(experts)}), got {len(alpha)}")
-        fps = {e.meta.get("base_fingerprint") for e in experts}
-        if len(fps) > 1:
-            raise ValueError(f"{args.experts[0]}: the experts were trained on different base models {sorted(map(str, fps))}")
-        if len({e.rescale for e in experts}) > 1:
-            raise ValueError(f"{args.experts[0]}: the experts disagree on the Σσ rescale; a mix needs one rule")
+        check_together(experts)  # load_experts' checks: the same matrices, shapes, rescale rule, base model
         # stored as raw z: a mix of sigmoid z's need not be a sigmoid of anything in range
         meta = {**experts[0].meta, "parametrization": "raw", "task": "mix",
                 "mix_alpha": json.dumps(alpha), "mix_experts": json.dumps(args.experts), "mix_mode": args.mode}

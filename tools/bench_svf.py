@@ -18,7 +18,38 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import svd_cache  # noqa: E402
-from svf import attach, detach, fold_rescale, init_theta, peak_memory, set_z  # noqa: E402
+from svf import attach, detach, fold_rescale, init_theta, set_z  # noqa: E402
+
+
+def peak_memory(step):
+    """Peak bytes allocated while step() runs, above what was allocated before it.
+    CUDA: the caching allocator's counters. CPU: torch.profiler records every malloc/free of
+    torch's CPU allocator with its size; a running sum in time order gives the peak. (ru_maxrss
+    cannot be reset between runs, and tracemalloc does not see torch's allocator.) The event tree
+    is a private profiler API: if it moves, this is the one function to fix.
+    tests/test_svf.py uses it to show that SVF's factored training step needs no m×n gradient."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        ef = node.extra_fields
+        if type(ef).__name__ == "_ExtraFields_Allocation" and ef.device.type == "cpu":
+            events.append((node.start_time_ns, ef.alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
 
 
 def bench(args):
