@@ -348,9 +348,10 @@ def build(args):
     device, dtype = cli.device_and_dtype(args)
     model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_pretrained(model_dir)
-    loaded, _ = svf.load_experts(model, list(experts.values()))  # checks fit and one rescale rule; attaches
+    loaded, cache = svf.load_experts(model, list(experts.values()))  # checks fit and one rescale rule; attaches
     context = min(args.context, model.config.max_position_embeddings)
     worker = Worker(model, tok, dict(zip(experts, loaded)), args.strategy, args.slots, context)
+    worker.experts, worker.cache = dict(zip(experts, loaded)), cache  # tools/bench_serve.py merges them
     return app_for(worker, args.name or Path(model_dir).name, args.max_tokens), worker
 
 
