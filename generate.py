@@ -2,8 +2,12 @@
 
   Tokenizer             tokenizer.json through `tokenizers`; chat prompts rendered from the
                         checkpoint's Jinja template as transformers renders them.
-  generate              the engine every script answers through (evals.common.answer wraps it):
-                        continuous batching (`slots` rows of one KV cache stay busy; a finished row's
+  Engine                continuous batching a step at a time: admit rows (Row: a prompt, its cap,
+                        sampling, z), one decode step, retire finished rows; the slot bookkeeping is
+                        one small object (Slots). serve.py drives it directly, requests joining as
+                        others decode.
+  generate              the loop over the Engine every script answers through (evals.common.answer
+                        wraps it): continuous batching (`slots` rows of one KV cache stay busy; a finished row's
                         slot goes to the next waiting one at once), prefix sharing (the `samples`
                         answers to one prompt share one prefill, copied into their slots), per-row
                         SVF z (`zs`: rows of one batch run different experts, or the base weights
@@ -21,6 +25,7 @@ import json
 import os
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -110,7 +115,7 @@ def read_optional_json(f):
 
 
 # -----------------------------------------------------------------------------
-# Generation and scoring
+# Generation: the engine, a step at a time
 
 class Generation(NamedTuple):
     """What `generate` returns, one entry per row (prompt-major: prompt i's samples are rows
@@ -131,20 +136,26 @@ def right_pad(seqs, pad_id, device):
 
 
 def sample(logits, temperature, top_p, u):
-    """logits (B, V) -> next ids (B,). temperature 0 = greedy. Otherwise inverse-CDF sampling with
-    one uniform u (B,) per row, drawn from the row's own generator: a row's tokens then do not
-    depend on which other rows happen to share its batch (or on the number of slots)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+    """logits (B, V) -> next ids (B,). u None = greedy. Otherwise inverse-CDF sampling with one
+    uniform u (B,) per row, drawn from the row's own generator: a row's tokens then do not depend
+    on which other rows happen to share its batch (or on the number of slots). temperature and
+    top_p are numbers or one per row, (B,) tensors (a server's requests differ); a row with
+    temperature 0 is greedy."""
+    greedy = logits.argmax(-1)
+    if u is None:
+        return greedy
+    t = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device).reshape(-1, 1)  # (B, 1) or (1, 1)
+    probs = torch.softmax(logits / torch.where(t > 0, t, 1.0), dim=-1)
+    if torch.is_tensor(top_p) or top_p < 1.0:  # keep the smallest set of tokens whose mass reaches top_p
+        keep = torch.as_tensor(top_p, dtype=probs.dtype, device=probs.device).reshape(-1, 1)
+        keep = torch.where(keep < 1, keep, torch.inf)  # top_p 1 keeps all: rounding in cumsum must not drop a token
         p, idx = probs.sort(dim=-1, descending=True)
-        drop = p.cumsum(-1) - p > top_p
+        drop = p.cumsum(-1) - p > keep
         probs = torch.zeros_like(probs).scatter(-1, idx, p.masked_fill(drop, 0))
     cdf = probs.cumsum(-1)                                               # (B, V)
     # right=True: the first token whose cdf exceeds u, so a zero-probability token is never chosen
     nxt = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    return nxt.clamp(max=logits.size(-1) - 1)
+    return torch.where(t[:, 0] > 0, nxt.clamp(max=logits.size(-1) - 1), greedy)
 
 
 class StopStrings:
@@ -163,6 +174,185 @@ class StopStrings:
         text = self.tokenizer.decode(ids)
         cuts = [text.find(s) for s in self.stop if s in text]
         return text[:min(cuts)] if cuts else None
+
+
+@dataclass(eq=False)  # eq=False: rows compare by identity (two requests may ask the same thing)
+class Row:
+    """One answer in the making: what it continues, how it samples, which weights it runs on, and
+    (filled in by the engine) what it has said so far."""
+    prompt: list                # token ids
+    cap: int                    # most new tokens (>= 1)
+    key: object = None          # rows with equal keys have equal prompts and weights: one prefill serves them
+    share: int = 1              # how many rows carry this key (the prefill is kept until all are admitted)
+    z: dict = None              # {name: (r,)} SVF scales before the Σσ rescale; None with base=True
+    base: bool = False          # run on the base weights W exactly (svf.set_z's base_rows)
+    temperature: float = 0.0    # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0               # the row's own generator (sampling only)
+    stop: StopStrings = None
+    tag: object = None          # the caller's: row number in `generate`, a request in serve.py
+    ids: list = field(default_factory=list)  # generated so far
+    text: str = None            # the answer, set when the row is done
+    cut: bool = False           # done because it hit `cap`
+
+    @property
+    def pos(self):
+        """Slots of the KV cache written so far = the position the next fed token goes to (its
+        newest token is sampled, not fed yet)."""
+        return len(self.prompt) + len(self.ids) - 1
+
+
+class Slots:
+    """The KV cache's rows and who sits in them. Busy rows always fill slots 0..n-1, so a decode
+    step runs on one block of the cache: a finished row's slot gets the last busy row, which takes
+    its keys/values and its per-slot tensors (`state`, each (n_slots, ...) on the device) along."""
+
+    def __init__(self, cache, **state):
+        self.cache, self.state, self.rows = cache, state, []
+
+    def __len__(self):
+        return len(self.rows)
+
+    def add(self, row):
+        self.rows.append(row)
+        return len(self.rows) - 1
+
+    def remove(self, s):
+        b = len(self.rows) - 1
+        if s != b:  # the last busy row moves into the hole
+            self.cache.copy_row(b, s, self.rows[b].pos)
+            for t in self.state.values():
+                t[s] = t[b]
+            self.rows[s] = self.rows[b]
+        self.rows.pop()
+
+
+class Engine:
+    """Continuous batching over one KV cache of `n_slots` rows, one call at a time:
+
+      admit(rows)   prefill the new rows' prompts (once per key), put each in a free slot, sample its
+                    first token;
+      step()        one decode step for every busy row, each at its own position;
+      cancel(row)   free a row's slot before it is done (a server's client went away).
+    admit and step return the rows that just finished (eos, a stop string, or their cap); their
+    slots are free at once. Per-slot state stays on the model's device: last token, position,
+    tokens drawn, sampling settings, uniforms, SVF z (rescale folded in at admission). Each step
+    syncs with the host once, to read the new tokens (a row ends on a token's text).
+
+    per_row_z: rows carry their own z (SVF layers attached: svf.attach); every forward gives each
+    row its z (svf.set_z), so rows of one batch run different experts. embed(ids, keys): input
+    embeddings for a prefill (vlm.py)."""
+
+    def __init__(self, model, tokenizer, n_slots, max_len, per_row_z=False, rescale=True, embed=None):
+        self.model, self.tokenizer, self.n_slots, self.embed, self.rescale = model, tokenizer, n_slots, embed, rescale
+        self.device, self.dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        self.eos = set(tokenizer.eos_ids)
+        if per_row_z:
+            import svf  # only engines with per-row experts need it
+            self.svf, self.S = svf, {n: m.S for n, m in svf.svf_modules(model)}  # name -> σ (r,)
+        else:
+            self.S = {}
+        dev = {"device": self.device}
+        self.slots = Slots(KVCache(model.config, n_slots, max_len, self.dtype, self.device),
+                           tok=torch.zeros(n_slots, dtype=torch.long, **dev),   # last token (fed next)
+                           pos=torch.zeros(n_slots, dtype=torch.long, **dev),   # its position
+                           n=torch.zeros(n_slots, dtype=torch.long, **dev),     # tokens drawn so far
+                           u=torch.zeros(n_slots, max_len, **dev),              # each draw's uniform
+                           temp=torch.zeros(n_slots, **dev), top_p=torch.ones(n_slots, **dev),
+                           **{n: torch.ones(n_slots, S.numel(), dtype=S.dtype, **dev) for n, S in self.S.items()})
+        self.prefix = {}  # key -> [prefill cache, row there, first-token logits, rows still to admit]
+        self.tokens = {"prefill": 0, "decode": 0}  # forwarded so far (benchmarks, usage)
+
+    def free(self):
+        return self.n_slots - len(self.slots)
+
+    def admit(self, rows):
+        st, s0 = self.slots.state, len(self.slots)
+        fresh = list({r.key: r for r in reversed(rows) if r.key not in self.prefix}.values())[::-1]  # first per key
+        if fresh:  # one right-padded forward of the new prompts; the keys/values stay for the key's rows
+            ids, lens = right_pad([r.prompt for r in fresh], self.tokenizer.pad_id, self.device)  # (F, T)
+            pc = KVCache(self.model.config, len(fresh), ids.size(1), self.dtype, self.device)
+            self._use_z(fresh, {n: self._fold(n, fresh) for n in self.S})
+            embeds = self.embed(ids, [r.key for r in fresh]) if self.embed is not None else None
+            h = self.model.hidden(ids, None, pc, embeds)
+            logits = self.model.lm_head(h[torch.arange(len(fresh), device=self.device), lens - 1]).float()  # (F, V)
+            self.prefix.update({r.key: [pc, j, logits[j], r.share] for j, r in enumerate(fresh)})
+            self.tokens["prefill"] += int(lens.sum())
+        first = []
+        for r in rows:  # copy the prefill into the row's slot
+            entry = self.prefix[r.key]
+            self.slots.cache.copy_row(entry[1], self.slots.add(r), len(r.prompt), source=entry[0])
+            first.append(entry[2])
+            entry[3] -= 1
+            if entry[3] == 0:
+                del self.prefix[r.key]
+        new = slice(s0, len(self.slots))
+        st["pos"][new] = torch.tensor([len(r.prompt) for r in rows])
+        st["n"][new] = 0
+        st["temp"][new] = torch.tensor([float(r.temperature) for r in rows])
+        st["top_p"][new] = torch.tensor([float(r.top_p) for r in rows])
+        for s, r in enumerate(rows, s0):  # a row's uniforms, drawn once: its tokens never wait on the host RNG
+            if r.temperature > 0:
+                g = torch.Generator(self.device).manual_seed(r.seed)
+                st["u"][s, :r.cap] = torch.rand(r.cap, generator=g, device=self.device)
+        for n in self.S:
+            st[n][new] = self._fold(n, rows)
+        return self._advance(s0, torch.stack(first))
+
+    def step(self):
+        st, B = self.slots.state, len(self.slots)
+        self._use_z(self.slots.rows, {n: st[n][:B] for n in self.S})
+        x, p = st["tok"][:B, None], st["pos"][:B, None]                                  # (B, 1) each
+        h = self.model.hidden(x, p, self.slots.cache.rows(0, B))[:, -1]                  # (B, C)
+        st["pos"][:B] += 1
+        self.tokens["decode"] += B
+        return self._advance(0, self.model.lm_head(h).float())
+
+    def cancel(self, row):
+        if row in self.slots.rows:
+            self.slots.remove(self.slots.rows.index(row))
+
+    def close(self):
+        if self.S:
+            self.svf.set_z(self.model, None)  # the SVF modules back to the base weights
+
+    def _fold(self, name, rows):
+        """(len(rows), r) z of `name` with the Σσ rescale folded in (a placeholder 1 for base rows)."""
+        S = self.S[name]
+        z = torch.stack([r.z[name] if r.z is not None else torch.ones_like(S) for r in rows]).to(S)
+        return self.svf.fold_rescale(S, z, self.rescale)
+
+    def _use_z(self, rows, zs):
+        if self.S:
+            base = [i for i, r in enumerate(rows) if r.base]
+            self.svf.set_z(self.model, zs, rescale=False,
+                           base_rows=torch.tensor(base, device=self.device) if base else None)
+
+    def _advance(self, s0, logits):
+        """Slots s0.. draw their next token from logits (B, V); the finished rows leave their slots."""
+        st, rows = self.slots.state, self.slots.rows[s0:]
+        s = slice(s0, s0 + len(rows))
+        u = st["u"][torch.arange(s0, s.stop, device=self.device), st["n"][s]] if any(
+            r.temperature > 0 for r in rows) else None                                      # (B,)
+        top_p = st["top_p"][s] if any(r.top_p < 1 for r in rows) else 1.0
+        nxt = sample(logits, st["temp"][s], top_p, u)                                       # (B,)
+        st["tok"][s] = nxt
+        st["n"][s] += 1
+        done = [(i, r) for i, (r, t) in enumerate(zip(rows, nxt.tolist()), s0) if self._append(r, t)]  # the host sync
+        for i, _ in reversed(done):  # highest slot first: a row moved into a hole is never a finished one
+            self.slots.remove(i)
+        return [r for _, r in done]
+
+    def _append(self, r, tok):
+        """tok joins row r's answer; True when that ends it."""
+        r.ids.append(tok)
+        if tok in self.eos:
+            r.text = self.tokenizer.decode(r.ids[:-1])
+        elif r.stop is not None and (text := r.stop(r.ids)) is not None:
+            r.text = text
+        elif len(r.ids) >= r.cap:
+            r.text, r.cut = self.tokenizer.decode(r.ids), True
+        return r.text is not None
 
 
 @torch.inference_mode()
@@ -191,122 +381,47 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     on_done: optional on_done(row, ids, text, cut), called as each row finishes (callers save
         finished answers as they come, so a killed run keeps them).
     """
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     seqs = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     caps = [max_new_tokens] * len(seqs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     R = len(seqs) * samples
-    out, texts, cut = [[] for _ in range(R)], [None] * R, [False] * R
-    queue = deque(r for r in range(R) if caps[r // samples] > 0)
-    if not queue:
-        return Generation(out, [""] * R, cut)
+    if R == 0 or not any(c > 0 for c in caps):
+        return Generation([[] for _ in range(R)], [""] * R, [False] * R)
     if seed is None:  # drawn from torch's global RNG, so torch.manual_seed still makes runs repeatable
         seed = int(torch.randint(2 ** 31, ()))
     if isinstance(seed, int):  # row r samples with seed + r; a list gives each prompt its own base seed
         seed = [seed + i * samples for i in range(len(seqs))]
-    gens = {}         # row -> its generator (sampling only)
-    stops = StopStrings(tokenizer, stop)
-    eos = set(tokenizer.eos_ids)
-    if zs is not None:
-        import svf   # only runs with per-row experts need it
-    n_slots = max(1, min(slots or R, len(queue)))
-    cache = KVCache(model.config, n_slots, max(len(s) for s in seqs) + max(caps), dtype, device)
-    rows, pos, last = [], [], []  # per busy slot (slots 0..len(rows)-1): its row, next position, last token
-    prefix = {}                   # prompt -> (its prefill cache, row there, first-token logits) while samples wait
-    waiting = {}                  # prompt -> how many of its rows are not admitted yet
-
-    def forward(ids, p, c, prompt_rows, embeds=None):
-        if zs is not None:
-            base = None if base_rows is None else [base_rows[i] for i in prompt_rows]
-            svf.set_z(model, {n: z[prompt_rows] for n, z in zs.items()}, rescale, base_rows=base)
-        return model.hidden(ids, p, c, embeds)
-
-    def draw(batch_rows, logits):
-        u = None
-        if temperature > 0:
-            for r in batch_rows:
-                if r not in gens:
-                    gens[r] = torch.Generator(device).manual_seed(seed[r // samples] + r % samples)
-            u = torch.stack([torch.rand((), generator=gens[r], device=device) for r in batch_rows])
-        return sample(logits, temperature, top_p, u).tolist()
-
-    def record(s, tok):
-        """Append tok to slot s's row; True when the row is done."""
-        r = rows[s]
-        out[r].append(tok)
-        last[s] = tok
-        if tok in eos:
-            texts[r] = tokenizer.decode(out[r][:-1])
-            return True
-        texts[r] = stops(out[r])
-        if texts[r] is not None:
-            return True
-        if len(out[r]) >= caps[r // samples]:
-            cut[r] = True
-            return True
-        return False
-
-    for r in queue:
-        waiting[r // samples] = waiting.get(r // samples, 0) + 1
+    stops = StopStrings(tokenizer, stop) if stop else None
+    rows = []
+    for r in range(R):  # row r answers prompt i (its sample j); rows of one prompt share its prefill (key i)
+        i, j = divmod(r, samples)
+        rows.append(Row(seqs[i], caps[i], key=i, share=samples, temperature=temperature, top_p=top_p,
+                        seed=seed[i] + j, stop=stops, tag=r, z=None if zs is None else {n: z[i] for n, z in zs.items()},
+                        base=base_rows is not None and bool(base_rows[i])))
+    queue = deque(row for row in rows if row.cap > 0)
+    engine = Engine(model, tokenizer, max(1, min(slots or R, len(queue))), max(map(len, seqs)) + max(caps),
+                    per_row_z=zs is not None, rescale=rescale, embed=embed)
     bar = tqdm(total=len(queue), desc=progress, unit="answer", leave=False, disable=progress is None)
     try:
-        while queue or rows:
-            new = []
-            while queue and len(rows) + len(new) < n_slots:
-                new.append(queue.popleft())
-            t0 = time.perf_counter()
-            if new:  # admit: prefill each new prompt once, copy its keys/values into its rows' slots
-                fresh = sorted({r // samples for r in new} - prefix.keys())
-                if fresh:
-                    ids, lens = right_pad([seqs[i] for i in fresh], tokenizer.pad_id, device)
-                    pc = KVCache(model.config, len(fresh), ids.size(1), dtype, device)
-                    h = forward(ids, None, pc, fresh, embed(ids, fresh) if embed is not None else None)
-                    logits = model.lm_head(h[torch.arange(len(fresh), device=device), lens - 1]).float()  # (F, V)
-                    prefix.update({i: (pc, j, logits[j]) for j, i in enumerate(fresh)})
-                first = []
-                for r in new:
-                    i = r // samples
-                    pc, j, lg = prefix[i]
-                    cache.copy_row(j, len(rows), len(seqs[i]), source=pc)
-                    rows.append(r)
-                    pos.append(len(seqs[i]))
-                    last.append(None)
-                    first.append(lg)
-                    waiting[i] -= 1
-                    if waiting[i] == 0:
-                        del prefix[i]
-                busy = range(len(rows) - len(new), len(rows))
-                toks = draw(new, torch.stack(first))
-                phase, tokens = "prefill", sum(len(seqs[i]) for i in fresh)
-            else:    # one decode step for every busy slot, each at its own position
-                busy = range(len(rows))
-                x = torch.tensor(last, device=device)[:, None]                    # (B, 1)
-                p = torch.tensor(pos, device=device)[:, None]                     # (B, 1)
-                h = forward(x, p, cache.rows(0, len(rows)), [r // samples for r in rows])[:, -1]  # (B, C)
-                toks = draw(rows, model.lm_head(h).float())
-                pos = [q + 1 for q in pos]
-                phase, tokens = "decode", len(rows)
+        while queue or len(engine.slots):
+            t0, before = time.perf_counter(), dict(engine.tokens)
+            if queue and engine.free():  # a free slot is filled before the next decode step
+                phase, done = "prefill", engine.admit([queue.popleft() for _ in range(min(engine.free(), len(queue)))])
+            else:
+                phase, done = "decode", engine.step()
             if stats is not None:
                 stats[phase + "_s"] = stats.get(phase + "_s", 0.0) + time.perf_counter() - t0
-                stats[phase + "_tokens"] = stats.get(phase + "_tokens", 0) + tokens
-            done = [s for s, tok in zip(busy, toks) if record(s, tok)]
+                stats[phase + "_tokens"] = stats.get(phase + "_tokens", 0) + engine.tokens[phase] - before[phase]
             bar.update(len(done))
-            for s in done if on_done is not None else ():
-                r = rows[s]
-                on_done(r, out[r], texts[r] if texts[r] is not None else tokenizer.decode(out[r]), cut[r])
-            for s in sorted(done, reverse=True):  # free the slot: the last busy slot moves into the hole
-                b = len(rows) - 1
-                if s != b:
-                    cache.copy_row(b, s, pos[b])
-                    rows[s], pos[s], last[s] = rows[b], pos[b], last[b]
-                del rows[-1], pos[-1], last[-1]
+            for row in done if on_done is not None else ():
+                on_done(row.tag, row.ids, row.text, row.cut)
     finally:
         bar.close()
-        if zs is not None:
-            svf.set_z(model, None)
-    texts = [t if t is not None else tokenizer.decode(o) for t, o in zip(texts, out)]
-    return Generation(out, texts, cut)
+        engine.close()
+    return Generation([r.ids for r in rows], [r.text or "" for r in rows], [r.cut for r in rows])
 
+
+# -----------------------------------------------------------------------------
+# Scoring
 
 def completion_hidden(model, prompts, completions, embed=None, share=True):
     """Hidden states that predict each completion token given its prompt (id lists), batched.

@@ -5,7 +5,7 @@ import torch
 
 import svd_cache
 import svf
-from generate import StopStrings, Tokenizer, completion_hidden, generate
+from generate import Engine, Row, StopStrings, Tokenizer, completion_hidden, generate
 from model import ModelConfig, Transformer
 
 
@@ -87,6 +87,40 @@ def test_per_row_z_follows_the_row_into_its_slot(tmp_path):
     svf.set_z(model, None)
     base = generate(model, NoStop(), ps, max_new_tokens=10).ids
     assert base[1] != batched[1] or base[3] != batched[3]  # the z's change the answers
+
+
+def test_engine_rows_join_mid_decode_each_with_its_own_z_and_sampling(tmp_path):
+    """The step-wise engine as a server drives it: rows arrive while others decode, each with its own
+    z (or the base weights), temperature and top_p; each answer equals that row generated alone."""
+    model, ps = tiny_model(), prompts(6, seed=4)
+    cache = svd_cache.load(model, "mlp", root=tmp_path)
+    svf.attach(model, cache)
+    g = torch.Generator().manual_seed(1)
+    experts = [{n: torch.rand(cache.rank(n), generator=g) * 2 for n in cache.names} for _ in range(2)]
+    spec = [(experts[0], False, 0.0, 1.0), (None, True, 0.9, 1.0), (experts[1], False, 1.0, 0.7),
+            (experts[1], False, 0.0, 1.0), (None, True, 0.0, 1.0), (experts[0], False, 1.3, 0.9)]
+    rows = [Row(p, cap, key=i, z=z, base=base, temperature=t, top_p=tp, seed=10 + i)
+            for i, (p, cap, (z, base, t, tp)) in enumerate(zip(ps, [7, 4, 9, 5, 8, 6], spec))]
+    engine = Engine(model, NoStop(), 3, 32, per_row_z=True)
+    finished = engine.admit(rows[:2])
+    for _ in range(2):
+        finished += engine.step()
+    waiting = rows[2:]
+    while waiting or len(engine.slots):  # join whenever a slot is free, else decode
+        if waiting and engine.free():
+            k = min(engine.free(), 1 + len(engine.slots) % 2, len(waiting))  # one or two at a time
+            finished += engine.admit(waiting[:k])
+            waiting = waiting[k:]
+        else:
+            finished += engine.step()
+    engine.close()
+    assert sorted(r.key for r in finished) == list(range(6)) and all(len(r.ids) == r.cap for r in rows)
+    for r, (z, base, t, tp) in zip(rows, spec):  # alone: z set on the layers by hand, rescaled there
+        svf.set_z(model, None if base else z)
+        alone = generate(model, NoStop(), [r.prompt], max_new_tokens=r.cap, temperature=t, top_p=tp, seed=[r.seed])
+        assert r.ids == alone.ids[0], r.key
+    svf.set_z(model, None)
+    assert len({tuple(r.ids) for r in rows}) == 6
 
 
 def test_incremental_stop_check_stops_where_the_full_decode_does(smollm2_dir):
