@@ -274,7 +274,7 @@ class Engine:
             pc = KVCache(self.model.config, len(fresh), ids.size(1), self.dtype, self.device)
             self._use_z(fresh, {n: self._fold(n, fresh) for n in self.S})
             embeds = self.embed(ids, [r.key for r in fresh]) if self.embed is not None else None
-            h = self.model.hidden(ids, None, pc, embeds)
+            h = self.model.prefill(ids, pc, embeds)  # in chunks of at most model.max_prefill_tokens
             logits = self.model.lm_head(h[torch.arange(len(fresh), device=self.device), lens - 1]).float()  # (F, V)
             self.prefix.update({r.key: [pc, j, logits[j], r.share] for j, r in enumerate(fresh)})
             self.tokens["prefill"] += int(lens.sum())
@@ -303,7 +303,8 @@ class Engine:
         st, B = self.slots.state, len(self.slots)
         self._use_z(self.slots.rows, {n: st[n][:B] for n in self.S})
         x, p = st["tok"][:B, None], st["pos"][:B, None]                                  # (B, 1) each
-        h = self.model.hidden(x, p, self.slots.cache.rows(0, B))[:, -1]                  # (B, C)
+        S = 1 + max(r.pos for r in self.slots.rows)  # slots to attend over, known here: no host sync
+        h = self.model.hidden(x, p, self.slots.cache.rows(0, B), kv_len=S)[:, -1]         # (B, C)
         st["pos"][:B] += 1
         self.tokens["decode"] += B
         return self._advance(0, self.model.lm_head(h).float())
@@ -445,7 +446,7 @@ def completion_hidden(model, prompts, completions, embed=None, share=True):
     cids, clen = right_pad(completions, 0, device)                          # (R, Tc)
     Tp, Tc = pids.size(1), cids.size(1)
     cache = KVCache(model.config, len(uniq), Tp + Tc, next(model.parameters()).dtype, device)
-    hp = model.hidden(pids, None, cache, embed(pids, list(range(len(uniq)))) if embed is not None else None)
+    hp = model.prefill(pids, cache, embed(pids, list(range(len(uniq)))) if embed is not None else None)
     last = hp[torch.arange(len(uniq), device=device), plen - 1]             # (U, C): predicts each first token
     # each completion continues its prompt's row of the cache, at positions len(prompt) + j
     cpos = plen[owner][:, None] + torch.arange(Tc, device=device)           # (R, Tc)

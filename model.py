@@ -300,7 +300,7 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                   # (B, 1, T, hd)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def hidden(self, input_ids, pos=None, cache=None, embeds=None):
+    def hidden(self, input_ids, pos=None, cache=None, embeds=None, kv_len=None):
         """Final-normed hidden states (B, T, C) of the tokens input_ids (B, T) at positions pos (B, T).
 
         Every row keeps its own positions 0, 1, 2, ...: a batch of sequences of different lengths
@@ -309,6 +309,8 @@ class Transformer(nn.Module):
         tokens; with one, their keys/values are written at `pos` and each query attends to the
         cache's slots up to its own position (so a row can continue where it left off).
         embeds (B, T, C), when given, replaces the token embeddings (vlm.py splices images in).
+        kv_len: with a cache, how many of its slots to attend over (one past the furthest position
+        written now) when the caller knows it; otherwise it is read from pos, a host sync per call.
         """
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids) if embeds is None else embeds
@@ -321,7 +323,7 @@ class Transformer(nn.Module):
             if cache is None:
                 k_pos = pos
             else:  # slots 0..S-1 of the cache, S = one past the furthest position written now
-                k_pos = torch.arange(int(pos.max()) + 1, device=pos.device)[None]
+                k_pos = torch.arange(kv_len or int(pos.max()) + 1, device=pos.device)[None]
             biases = {w: attn_bias(pos, k_pos, w, rep, x.dtype) for w in self.windows}
         cos, sin = self.rope(pos, x.dtype)
         for block, w in zip(self.model.layers, self.config.layer_windows):

@@ -198,3 +198,26 @@ def test_frozen_layers_below_the_adapted_ones_build_no_graph(tmp_path):
     svf.set_z(model, None)
     # two forwards (prompt, completion) x 3 layers: only layer 2's outputs carry a graph
     assert seen == [False, False, True, False, False, True] and h.requires_grad
+
+
+def test_prefill_is_capped_and_decode_steps_never_read_positions_back(monkeypatch):
+    """Issue 36 §2: the engine's prefills go through model.prefill (at most max_prefill_tokens per
+    forward) and its decode steps tell the model how many cache slots to attend over, so no step
+    waits on `int(pos.max())` (a host sync per step on a GPU). Outputs equal the uncapped run."""
+    model, ps = tiny_model(), prompts(6)
+    ref = generate(model, NoStop(), ps, max_new_tokens=7, slots=3).ids
+    sizes, kv_lens = [], []
+    hidden = model.hidden
+
+    def spy(ids, pos=None, cache=None, embeds=None, kv_len=None):
+        sizes.append(ids.numel())
+        if pos is not None and cache is not None and ids.size(1) == 1:  # a decode step
+            kv_lens.append(kv_len)
+        return hidden(ids, pos, cache, embeds, kv_len)
+
+    monkeypatch.setattr(model, "hidden", spy)
+    model.max_prefill_tokens = 8
+    got = generate(model, NoStop(), ps, max_new_tokens=7, slots=3).ids
+    assert got == ref
+    assert max(sizes) <= 8, sizes                   # no forward above the cap (prompts are up to 11 tokens)
+    assert kv_lens and None not in kv_lens          # every decode step passed its cache length
