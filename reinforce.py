@@ -78,13 +78,11 @@ def get_args(argv=None):
     g.add_argument("--lora-rank", type=positive_int, default=16, help="LoRA r (paper: 16)")
     g.add_argument("--lora-alpha", type=positive_float, default=32.0, help="LoRA α, scale α/r (paper: 32)")
     g.add_argument("--objective", default="rl", choices=["rl", "sft"],
-                   help="rl: REINFORCE on rollouts (the method); sft: next-token loss on the task's reference "
-                        "solutions, no rollouts (paper Table 4's 'next-token' rows)")
+                   help="rl: REINFORCE on rollouts; sft: next-token loss on reference solutions (paper Table 4)")
     g = p.add_argument_group("optimisation (defaults: paper, Table 6)")
     g.add_argument("--steps", type=positive_int, default=100, help="number of updates")
     g.add_argument("--minutes", type=positive_float, default=None,
-                   help="wall-clock budget of the updates (validation excluded): no update starts once the updates "
-                        "so far took this long (paper Table 4's rows are compared at one budget; resume-safe)")
+                   help="no update starts once the updates (validation excluded) took this long (Table 4's budget)")
     g.add_argument("--batch-size", type=positive_int, default=256, help="rollouts per update (global, all ranks)")
     g.add_argument("--micro-batch", type=positive_int, default=8,
                    help="rollouts per forward/backward (memory knob; a question's samples stay together)")
@@ -98,11 +96,9 @@ def get_args(argv=None):
     g.add_argument("--wrong-reward", type=finite_float, default=-1.0,
                    help="reward of a wrong answer (paper: -1; the paper's VLM runs: -0.1)")
     g.add_argument("--cut-reward", type=finite_float, default=None,
-                   help="not in the paper: reward of an answer that ran into --max-new-tokens, right or not "
-                        "(default: scored like any other answer); below --wrong-reward it rewards finishing")
+                   help="not in the paper: reward of an answer cut by --max-new-tokens (default: scored as any other)")
     g.add_argument("--baseline", default=None, choices=["loo"],
-                   help="not in the paper: 'loo' subtracts from each reward the mean reward of the other "
-                        "--samples answers to the same prompt (needs --samples >= 2)")
+                   help="not in the paper: 'loo' subtracts the mean reward of the prompt's other --samples answers")
     g.add_argument("--kl-direction", default="paper", choices=["paper", "official"], help="KL(π′‖π) or KL(π‖π′)")
     g = p.add_argument_group("rollouts")
     g.add_argument("--temperature", type=nonneg_float, default=0.0,
@@ -112,13 +108,11 @@ def get_args(argv=None):
     g.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the task's")
     g.add_argument("--train-limit", type=positive_int, default=None, help="use only the first N training items")
     g.add_argument("--shuffle-options", action="store_true",
-                   help="not in the paper; multiple choice (ARC): every update shows each question's options in a "
-                        "fresh seeded order, the same for its --samples answers, so a preferred letter earns nothing "
-                        "in expectation and only the content can (validation keeps the dataset's order)")
+                   help="not in the paper; ARC: each update shows a question's options in a fresh seeded order, so a "
+                        "preferred letter earns nothing in expectation (validation keeps the dataset's order)")
     g = p.add_argument_group("validation and checkpoints")
     g.add_argument("--eval-every", type=nonneg_int, default=10,
-                   help="updates between validations (official: 10); 0 = none, not even at the start and the end "
-                        "(a run scored on the test split only; the expert is last.safetensors)")
+                   help="updates between validations (official: 10); 0 = none at all (the expert is last.safetensors)")
     g.add_argument("--valid-limit", type=positive_int, default=None, help="validate on the first N items only (CPU budget)")
     g.add_argument("--patience", type=positive_int, default=5, help="stop after this many validations without improvement")
     g.add_argument("--seed", type=nonneg_int, default=0)
@@ -362,28 +356,32 @@ def main(args):
     theta = {n: t.to(device).requires_grad_(True) for n, t in init_params(policy, args).items()}
     opt, sched = make_optimizer(list(theta.values()), args)
     if "theta" in st:  # resumed: θ, the optimizer's moments and the schedule as they were
-        restore(st, theta, opt, sched)
+        with torch.no_grad():
+            for n, t in theta.items():
+                t.copy_(st["theta"][n])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
         if rank == 0:
             print(f"resumed {out / 'state.pt'} at update {st['step']}")
 
     def save(name, **extra):  # the current θ as an expert (adapter) file, with the run's settings as metadata
         save_adapter(out / name, theta, policy, args, hparams, **extra)
 
-    def after_validation(m, step):  # best expert so far and patience
-        if m["valid_acc"] > st["best"]:
-            st["best"], st["since_best"] = m["valid_acc"], 0
+    def validation(step):  # score the current expert, keep it if it is the best so far, count patience
+        v = validate(step, policy, task, valid, theta, args)
+        if v["valid_acc"] > st["best"]:
+            st["best"], st["since_best"] = v["valid_acc"], 0
             if rank == 0:
-                save("best.safetensors", valid_acc=f"{m['valid_acc']:.4f}", valid_n=m["valid_n"], step=step)
+                save("best.safetensors", valid_acc=f"{v['valid_acc']:.4f}", valid_n=v["valid_n"], step=step)
         else:
             st["since_best"] += 1
+        return v
 
     if rank == 0:
         print(f"task {args.task} | train {len(train)} | valid {len(valid)} | {len(theta)} matrices, "
               f"{sum(t.numel() for t in theta.values()):,} parameters | {ws} rank(s) | device {device}")
     if st["step"] == 0 and not st["metrics"] and args.eval_every:
-        m = {"step": 0, **validate(0, policy, task, valid, theta, args)}
-        after_validation(m, 0)
-        st["metrics"].append(m)
+        st["metrics"].append(m := {"step": 0, **validation(0)})
         if rank == 0:
             print(f"step 0 | valid {m['valid']} | cut {m['valid_cut']:.0%} (initial z: ≈ the base model)")
         checkpoint(out, st, theta, opt, sched, hparams)
@@ -394,8 +392,7 @@ def main(args):
         step = st["step"]
         m = one_update(step, policy, task, train, theta, opt, sched, args)
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            m.update(validate(step + 1, policy, task, valid, theta, args))
-            after_validation(m, step + 1)
+            m.update(validation(step + 1))
         st["step"] = step + 1
         st["metrics"].append(m)
         checkpoint(out, st, theta, opt, sched, hparams)
@@ -416,10 +413,7 @@ def main(args):
 # Below the algorithm: the adapter switch, flags, the run folder, stopping, printing
 
 @dataclass
-class Policy:
-    """What is trained: the model (a LLaVA's language model), its tokenizer, vision = (LLaVA,
-    Preprocessor) or None, the target weight names, and svd, the SVD cache of the targets (SVF;
-    None for LoRA, whose A, B sit beside the weights)."""
+class Policy:  # svd: the SVD cache of the targets (SVF), None for LoRA (its A, B sit beside the weights)
     model: Transformer
     tok: Tokenizer
     vision: tuple | None
@@ -533,14 +527,6 @@ def open_run(out, args, hparams):
     if st["hparams"] != {k: v for k, v in hparams.items() if k in st["hparams"] or v is not None}:
         raise ValueError(f"{out / 'state.pt'}: was written with other settings {st['hparams']}, not {hparams}")
     return st
-
-
-def restore(st, theta, opt, sched):
-    with torch.no_grad():
-        for n, t in theta.items():
-            t.copy_(st["theta"][n])
-    opt.load_state_dict(st["opt"])
-    sched.load_state_dict(st["sched"])
 
 
 def checkpoint(out, st, theta, opt, sched, hparams):
