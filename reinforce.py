@@ -87,7 +87,7 @@ def get_args(argv=None):
     g.add_argument("--micro-batch", type=positive_int, default=8,
                    help="rollouts per forward/backward (memory knob; a question's samples stay together)")
     g.add_argument("--slots", type=positive_int, default=64,
-                   help="sequences decoded together by the engine (speed knob; 128 decodes 5-9%% faster than 64 for twice the KV memory: docs/RESULTS.md)")
+                   help="sequences decoded together by the engine (a speed knob, KV memory grows with it)")
     g.add_argument("--lr", type=positive_float, default=2e-3)
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="adamw + cosine decay (paper) or adam, constant lr (official)")
     g.add_argument("--weight-decay", type=nonneg_float, default=0.0, help="AdamW weight decay on θ")
