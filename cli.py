@@ -156,3 +156,59 @@ def run(main, *args):
             raise
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Numbers and decisions every rank shares (torchrun)
+
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+
+
+def all_reduce_sums(sums):
+    """{name: number} summed over all ranks in one all-reduce (float64), returned as {name: float}:
+    a loop's counts and losses read by name, not as stats[0]..stats[8]."""
+    t = all_reduce(torch.tensor([float(v) for v in sums.values()], dtype=torch.float64))
+    return dict(zip(sums, t.tolist()))
+
+
+def any_rank(flags):
+    """{name: bool}, each true on every rank when it is true on any: a decision all ranks take
+    together (stop, refuse), so no rank enters a collective that the others never join."""
+    t = all_reduce(torch.tensor([float(bool(v)) for v in flags.values()], dtype=torch.float64), op=dist.ReduceOp.MAX)
+    return {k: v > 0 for k, v in zip(flags, t.tolist())}
+
+
+# -----------------------------------------------------------------------------
+# A run folder: never overwritten by accident, its checkpoint read with the file's name in every error
+
+def open_run_dir(out, resume, force, state="state.pt", files=()):
+    """Get `out` ready for a run and say whether it resumes (out/state exists and --resume). A folder
+    that holds files is refused unless --resume (which needs out/state) or --force (which removes
+    `files`, glob patterns of the previous run's outputs, so none of them mixes into the new run).
+    Every rank decides together, before anything is written."""
+    out, problem = Path(out), None
+    if out.is_dir() and any(out.iterdir()) and not force:
+        if not resume:
+            problem = f"{out}: already holds a run; pass --resume to go on from its {state}, or --force to start over"
+        elif not (out / state).exists():
+            problem = f"{out}: no {state} to resume from; pick another output folder, or --force to start over"
+    if any_rank({"refused": problem is not None})["refused"]:
+        raise FileExistsError(problem or f"{out}: refused by another rank")
+    if force and world()[0] == 0:
+        for f in (f for pattern in (state, *files) for f in out.glob(pattern)):
+            f.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return resume and (out / state).exists()
+
+
+def load_state(path, keys):
+    """torch.load of a checkpoint written by torch.save (CPU), refused in one line that names the file
+    when it is truncated or not one (torch alone says "[Errno 22] Invalid argument")."""
+    try:
+        st = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # truncated zip, random bytes, a pickle error: all mean "not readable"
+        raise ValueError(f"{path}: not a readable checkpoint ({e}); --force starts over") from None
+    missing = set(keys) - set(st) if isinstance(st, dict) else set(keys)
+    if missing:
+        raise ValueError(f"{path}: not the expected checkpoint (no {', '.join(sorted(missing))})")
+    return st

@@ -315,6 +315,45 @@ def test_minutes_budget_and_no_validation(tiny_dir, tmp_path):
     assert st["step"] == 1
 
 
+def _rank_with_its_own_clock(rank, port, argv, cache, out):
+    """One of 2 gloo ranks (torch.multiprocessing.spawn). Rank 1's clock jumps an hour at every
+    reading, so by its own clock every update takes hours: it alone would decide --minutes is spent."""
+    import datetime
+    import torch.distributed as dist
+    os.environ.update(T2_CACHE=cache, WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    # a short timeout: a rank left alone in a collective fails this test in seconds, not 30 minutes
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    if rank == 1:
+        class FastClock:
+            now = time.time()
+
+            def time(self):
+                FastClock.now += 3600
+                return FastClock.now
+        reinforce.time = FastClock()
+    st = reinforce.main(reinforce.get_args(argv))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps({"step": st["step"]}))
+
+
+def test_two_gloo_ranks_whose_clocks_disagree_stop_together(tiny_dir, tmp_path):
+    """--minutes under torchrun: rank 1 measures hours per update, rank 0 seconds. The decision to
+    stop is taken by both (any rank's reason stops all), so both stop after the same update instead
+    of rank 0 starting an update whose all-reduce rank 1 never joins (issue 36 §1.6)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:  # a free port for the process group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    argv = tiny_args(tiny_dir, out, steps=3, eval_every=0, minutes=1, kl_coef=0)
+    mp.spawn(_rank_with_its_own_clock, args=(port, argv, str(tmp_path / "cache"), str(tmp_path)), nprocs=2)
+    steps = [json.loads((tmp_path / f"rank{r}.json").read_text())["step"] for r in range(2)]
+    assert steps == [1, 1], steps  # one update each: rank 1's budget was spent after it, by its clock
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
 # Run as a script (`python tests/test_reinforce.py ARGS`), this file is reinforce.py's CLI with the
 # parity task registered (the 2-rank tests need it in every rank). The engine seeds each question's
 # samples by its index in the update, not by the rank, so 1 process and 2 ranks draw the same answers.
