@@ -404,7 +404,12 @@ def merged(model, expert_or_zs, cache=None, rescale=True):
                 W = weights[name]
                 digests[name] = svd_cache.known_digest(W)
                 backup[name] = W.detach().clone() if on_device else keep(W)
-                W.copy_(((U.float() * (S * z)) @ Vh.float()).to(W.dtype))  # (m, r)·(r, n): W′ in float32
+                if U.dtype == torch.float32:  # (m, r)·(r, n): W′ in float32
+                    W.copy_(((U * (S * z)) @ Vh).to(W.dtype))
+                else:  # bf16/fp16 factors (a low-precision model's attached layers): build only the change,
+                    # W′ = W + U·diag(σ⊙(z−1))·Vh, so their rounding error scales with the change, not with W
+                    delta = (U.float() * (S.float() * (z - 1))) @ Vh.float()
+                    W.copy_((W.float() + delta).to(W.dtype))
         yield model
     finally:
         with torch.no_grad():

@@ -159,10 +159,12 @@ def test_one_reinforce_update_equals_cpu_fp32(tiny_dir, tmp_path, reinforce_ref,
             torch.testing.assert_close(a[n], b[n], atol=1e-5, rtol=0)
         assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-4)
         assert m["pg_loss"] == pytest.approx(ref["pg_loss"], rel=1e-5)
-    else:  # one Adam step: θ moves by ±lr; bf16 flips the sign of some small gradient components
+    else:  # one Adam step moves each θ by ±lr, the sign of its gradient. bf16 flips the sign of small
+        # components and can change greedy tokens of this random model (the counts above stay equal), so a
+        # majority of θ agrees, not all: measured 72-84% on the CPU; a wrong gradient agrees on half.
         same = torch.cat([((a[n] - b[n]).abs() < 1e-3).flatten() for n in a]).float().mean()
-        assert same >= 0.75, float(same)
-        assert m["pg_loss"] == pytest.approx(ref["pg_loss"], rel=2e-2)
+        assert same >= 0.65, float(same)
+        assert m["pg_loss"] == pytest.approx(ref["pg_loss"], rel=5e-2)  # measured 0.5-2.7% off
         assert m["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-1)
 
 

@@ -544,3 +544,26 @@ def test_cli_mix_writes_the_average_z(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a bad flag: argparse's usage line and exit status 2
         svf.main(["mix", "--experts", *files, "--alpha", "1", "--out", str(tmp_path / "x.safetensors")])
     assert "error: --alpha needs one value per expert (3), got 1" in capsys.readouterr().err
+
+
+def test_merge_from_low_precision_factors_changes_only_what_z_changes(tmp_path):
+    """A bf16 model's attached layers hold bf16 U, Vh; merged() takes the factors from them (issue 36:
+    no cache read per merge) and builds W + U·diag(σ⊙(z−1))·Vh, so a uniform z gives back W bit for
+    bit (U·diag(σ)·Vh rebuilt from bf16 factors would not), and a random z lands within bf16 rounding
+    of the float64 W′."""
+    model = tiny_model(dtype=torch.bfloat16)
+    cache = svd_cache.load(model, "mlp", root=tmp_path)
+    svf.attach(model, cache)
+    name = cache.names[0]
+    assert dict(svf.svf_modules(model))[name].U.dtype == torch.bfloat16
+    W = model.get_parameter(name)
+    before = W.clone()
+    with svf.merged(model, {n: torch.full((cache.rank(n),), 0.3) for n in cache.names}):
+        assert torch.equal(W, before)
+    z = random_z(cache)
+    U, S, Vh = (t.double() for t in cache[name])
+    want = (before.double() + (U * (S * (svf.fold_rescale(S, z[name].double()) - 1))) @ Vh)  # float64 W′
+    with svf.merged(model, z):
+        got = W.double()
+    ulp = want.abs() * 2 ** -7  # bf16 keeps 8 significant bits
+    assert ((got - want).abs() <= ulp + 1e-3 * want.abs().max()).all()
