@@ -105,6 +105,7 @@ def get_args(argv=None):
     g.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="pass 2 (default: the task's, or 512)")
     g.add_argument("--compare-base", action="store_true", help="also answer with the base model (McNemar)")
     g.add_argument("--out", default=None, help="folder: items.jsonl, summary.json, confusion.png")
+    g.add_argument("--force", action="store_true", help="replace the results in an existing --out folder")
     g.add_argument("--threads", type=cli.positive_int, default=min(2, os.cpu_count() or 1))
     cli.add_device_args(p)
     args = p.parse_args(argv)
@@ -317,6 +318,8 @@ def load(args, task):
 
 
 def main(args):
+    if args.out and not args.force:  # a finished run is never overwritten by accident
+        cli.refuse_existing(Path(args.out) / "items.jsonl", "--force")
     torch.set_num_threads(args.threads)
     task = get_task(args.task) if args.task else None
     model, tok, choices = load(args, task)

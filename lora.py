@@ -220,6 +220,7 @@ def main(argv=None):
     i.add_argument("--dropout", type=float, default=0.05, help="paper: 0.05 (training only)")
     i.add_argument("--seed", type=int, default=0)
     i.add_argument("--task", default="none")
+    i.add_argument("--force", action="store_true", help="replace an existing --out file")
     m = sub.add_parser("merge", help="write an HF folder with W + (alpha/r)·B·A merged in")
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True, help="new folder (model.safetensors + config/tokenizer copies)")
@@ -230,6 +231,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from model import Transformer, save_folder
+    if args.cmd in ("init", "merge") and not args.force:
+        cli.refuse_existing(args.out, "--force")  # before the model loads
     if args.cmd in ("init", "merge"):
         device, dtype = cli.device_and_dtype(args)
     if args.cmd == "init":
@@ -240,8 +243,6 @@ def main(argv=None):
         print(f"{args.out} | {len(names)} matrices | r={args.rank} alpha={args.alpha:g} | "
               f"{adapter.n_params():,} parameters | base {adapter.meta['base_fingerprint']}")
     elif args.cmd == "merge":
-        if not args.force:
-            cli.refuse_existing(args.out, "--force")
         adapter = Adapter.load(args.adapter)  # a bad file fails before the model loads
         model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         with merged(model, adapter):

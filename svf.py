@@ -447,12 +447,16 @@ def main(argv=None):
     x.add_argument("--alpha", nargs="+", type=cli.finite_float, default=None, help="one α per expert (default: uniform 1/K)")
     x.add_argument("--mode", default="z", choices=["z", "theta"], help="mix applied z (paper) or raw θ (official)")
     x.add_argument("--out", required=True, help="expert .safetensors to write")
+    for q in (i, x):
+        q.add_argument("--force", action="store_true", help="replace an existing --out file")
     for q in (i, m):
         q.add_argument("--root", default=None, help="SVD cache root (default $T2_CACHE or ~/.cache/transformer2)")
         cli.add_device_args(q)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from model import Transformer, save_folder
+    if args.cmd in ("init", "merge", "mix") and not args.force:
+        cli.refuse_existing(args.out, "--force")  # before minutes of loading, not after
     if args.cmd in ("init", "merge"):
         device, dtype = cli.device_and_dtype(args)
     if args.cmd == "init":
@@ -464,8 +468,6 @@ def main(argv=None):
         print(f"{args.out} | {len(expert.theta)} matrices | {sum(t.numel() for t in expert.theta.values()):,} "
               f"parameters | base {cache.fingerprint}")
     elif args.cmd == "merge":
-        if not args.force:
-            cli.refuse_existing(args.out, "--force")  # before minutes of loading, not after
         expert = Expert.load(args.expert)  # a bad file fails before the model loads
         model = Transformer.from_pretrained(args.model, dtype=dtype, device=device)
         (expert,), cache = load_experts(model, [expert], root=args.root, factored=False)

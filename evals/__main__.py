@@ -75,6 +75,7 @@ def parse_args(argv=None):
                     help="torch CPU threads (use 1 per process when several jobs share the cores)")
     ap.add_argument("--out", default=None, help="per-item JSONL (default: print the summary only); answers are "
                     "saved to OUT.partial as they finish, so rerunning a killed command resumes")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out file (else it is refused)")
     cli.add_device_args(ap)
     return ap.parse_args(argv)
 
@@ -226,6 +227,8 @@ def main(args):
         task = dataclasses.replace(task, official=True)
     if args.system:
         task = dataclasses.replace(task, system=args.system)
+    if args.out and not args.force:
+        cli.refuse_existing(args.out, "--force")  # a finished run is never overwritten by accident
     if task.note:
         print(f"note: {task.note}")
     if args.score:

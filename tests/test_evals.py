@@ -582,13 +582,13 @@ def test_a_killed_eval_resumes_with_the_same_answers(tiny_dir, tmp_path, monkeyp
     assert read_jsonl(out) == read_jsonl(tmp_path / "whole.jsonl")
     with pytest.raises(KeyboardInterrupt):  # leave a partial file, then ask for other settings
         monkeypatch.setattr(ev, "generate_all", killed_after_two)
-        main(parse_args([*argv, "--out", str(out)]))
+        main(parse_args([*argv, "--out", str(out), "--force"]))  # the finished file is replaced only with --force
     with pytest.raises(ValueError, match=r"resumed\.jsonl\.partial: answers of a run with other settings "
                                          r"\(max_new_tokens differ\)"):
-        main(parse_args([*argv, "--max-new-tokens", "7", "--out", str(out)]))
+        main(parse_args([*argv, "--max-new-tokens", "7", "--out", str(out), "--force"]))
     monkeypatch.setattr(ev, "generate_all", real)
-    for cut_short in ("", '{"run": {"task": "gs'):  # killed before the first answer finished
-        early = tmp_path / "early.jsonl"
+    for k, cut_short in enumerate(("", '{"run": {"task": "gs')):  # killed before the first answer finished
+        early = tmp_path / f"early{k}.jsonl"
         Path(str(early) + ".partial").write_text(cut_short)
         main(parse_args([*argv, "--out", str(early)]))
         assert read_jsonl(early) == read_jsonl(tmp_path / "whole.jsonl")

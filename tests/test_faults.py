@@ -386,4 +386,23 @@ def test_lora_merge_refuses_an_existing_folder(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_expert_and_adapter_files_are_not_overwritten(tmp_path, capsys):
+    """svf.py init / mix and lora.py init refuse an existing --out (40 §4) and --force replaces it."""
+    src = tiny_folder(tmp_path / "base")
+    model = Transformer.from_pretrained(src)
+    files = [tmp_path / f"e{k}.safetensors" for k in range(2)]
+    for f in files:
+        saved_expert(model, tmp_path / "cache", f)
+    out = tmp_path / "taken.safetensors"
+    for main, argv in [
+            (svf.main, ["init", "--model", str(src), "--root", str(tmp_path / "cache")]),
+            (svf.main, ["mix", "--experts", *map(str, files)]),
+            (lora.main, ["init", "--model", str(src)])]:
+        out.write_bytes(b"someone's file")
+        rc, err = run_cli(main, [*argv, "--out", str(out)], capsys)
+        assert rc == 2 and f"{out}: already exists" in err and out.read_bytes() == b"someone's file"
+        main([*argv, "--out", str(out), "--force"])
+        assert out.read_bytes() != b"someone's file"
+
+
 # ============================================================================= script arguments

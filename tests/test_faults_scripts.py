@@ -58,3 +58,18 @@ def test_an_expert_of_another_model_is_one_line_before_it_loads(smollm2_dir):
     for script in (["cem.py", "--task", "math"], ["dispatch.py", "What is 2 + 2?"]):
         code, err = run([*script, "--model", str(smollm2_dir)])
         assert code == 2 and err.count("\n") == 1 and "math.safetensors: does not fit" in err, err[-2000:]
+
+
+def test_finished_results_are_not_overwritten(tmp_path):
+    """python -m evals --out FILE and dispatch.py --out DIR refuse finished results before any model loads
+    (40 §4): the file is named and --force goes on."""
+    done = tmp_path / "done.jsonl"
+    done.write_text('{"id": 0}\n')
+    rc, err = run(["-m", "evals", "--task", "gsm8k", *NO_MODEL, "--out", str(done)])
+    assert rc == 2 and f"{done}: already exists" in err and "--force" in err and done.read_text() == '{"id": 0}\n'
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "items.jsonl").write_text("kept\n")
+    rc, err = run(["dispatch.py", "--task", "gsm8k", *NO_MODEL, "--out", str(tmp_path / "d")])
+    assert rc == 2 and "items.jsonl: already exists" in err and (tmp_path / "d" / "items.jsonl").read_text() == "kept\n"
+    rc, err = run(["-m", "evals", "--task", "gsm8k", *NO_MODEL, "--out", str(done), "--force"])
+    assert rc == 2 and "already exists" not in err  # on to the next check: the missing model
