@@ -43,7 +43,10 @@ else
 	not a shipped model ($(SHIPPED)), a model folder or a hub id (owner/name)"; exit 2; }
 endif
 
+# the tests run on SmolLM2 and tiny random models, plus one check of serve.py on the shipped experts'
+# model (Qwen2.5-Coder-0.5B, converted once like SmolLM2)
 test: model
+	$(MAKE) --no-print-directory model MODEL=$(EXPERT_MODEL)
 	$(PY) -m pytest -q tests
 
 bench: model

@@ -261,7 +261,7 @@ def test_shipped_qwen_experts_answer_as_dispatch_does():
     experts = ROOT / serve.EXPERTS
     base = svf.Expert.load(experts / "math.safetensors").meta["base_model"]
     if not (ROOT / base / "model.safetensors").exists():
-        pytest.fail(f"{base} is missing: run `make model MODEL=qwen2.5-coder-0.5b` first")
+        pytest.fail(f"{base} is missing: run `make model MODEL=qwen2.5-coder-0.5b` first (make test does it for you)")
     question, code = "What is 12 * 7? Give the number.", "Write a Python function that reverses a string."
     want = dispatch_answer(ROOT / base, experts, question, 4)
     s = Served(["--slots", "4", "--context", "1024"])
