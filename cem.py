@@ -36,6 +36,8 @@ that mixes flags), in the search and in the report, as dispatch.py does.
     python cem.py --task math --model DIR --experts E1 E2 E3 --shots 10 --generations 100
     make cem TASK=math                         # the same, through the Makefile (EXPERT_DIR=... for yours)
     torchrun --nproc_per_node=2 cem.py ...     # population sharded over ranks
+Why past docs/STYLE.md's 150–250 lines: the search, its resume after a kill (search.pt) and the held-out
+report, with the checks that refuse experts of another model before any SVD work.
 """
 import argparse
 import json

@@ -45,6 +45,8 @@ pass-1 / pass-2 seconds (paper Table 3), with --compare-base a McNemar test vs t
     python dispatch.py --model DIR --experts math=F code=F reasoning=F --cls-expert F ...   # your own
 Pass 2 the official way (one weight merge per category group), timed against the routed batch:
 tools/bench_dispatch.py OUT.
+Why past docs/STYLE.md's 150–250 lines: three pass-1 strategies, pass 2 with per-row z, and the checks that
+refuse a bad question or mismatched experts before the model loads.
 """
 import argparse
 import json

@@ -19,6 +19,8 @@
 Prompts are right-padded: each row keeps positions 0, 1, ... and causality hides the padding.
 
     python generate.py --model checkpoints/smollm2-135m-instruct --prompt "What is 2+2?"
+Why past docs/STYLE.md's 150–300 lines: the Engine that serve.py drives and every script answers through
+(admit, step, retire; per-row z and sampling) sits beside the chat template and the scoring.
 """
 import argparse
 import json

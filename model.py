@@ -22,6 +22,8 @@ each row advances by its own positions (sequences of different lengths share one
 Generation, the tokenizer and scoring live in generate.py (as gpt-fast keeps them apart):
     python generate.py --model checkpoints/smollm2-135m-instruct --prompt "What is 2+2?"
     python tools/bench_model.py    # prefill/decode tok/s vs transformers (`make bench`)
+Why past docs/STYLE.md's 300–400 lines: beside the decoder it holds its loader's checks (shards, hub files,
+one-line errors) and the attention forms a GPU's fused kernels accept (attn_bias, chunked prefill).
 """
 import json
 import math

