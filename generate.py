@@ -360,7 +360,7 @@ class Engine:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None,
-             stop=None, samples=1, slots=64, zs=None, rescale=True, base_rows=None, embed=None, stats=None,
+             stop=None, samples=1, slots=64, zs=None, rescale=True, base_rows=None, embed=None,
              progress=None, on_done=None):
     """Continue prompts (strings, already rendered, or id lists) with continuous batching.
 
@@ -379,7 +379,6 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
         on the base weights themselves (svf.set_z's base_rows). The SVF modules are reset at the end.
     embed: optional (ids (B, T), prompt indices) -> input embeddings (B, T, C) for a prefill
         (vlm.py splices each prompt's images in this way).
-    stats: optional dict; seconds and tokens of prefill and decode are added to it (benchmarks).
     progress: optional label; shows a progress bar of finished answers (stderr) under that name.
     on_done: optional on_done(row, ids, text, cut), called as each row finishes (callers save
         finished answers as they come, so a killed run keeps them).
@@ -406,14 +405,10 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     bar = tqdm(total=len(queue), desc=progress, unit="answer", leave=False, disable=progress is None)
     try:
         while queue or len(engine.slots):
-            t0, before = time.perf_counter(), dict(engine.tokens)
             if queue and engine.free():  # a free slot is filled before the next decode step
-                phase, done = "prefill", engine.admit([queue.popleft() for _ in range(min(engine.free(), len(queue)))])
+                done = engine.admit([queue.popleft() for _ in range(min(engine.free(), len(queue)))])
             else:
-                phase, done = "decode", engine.step()
-            if stats is not None:
-                stats[phase + "_s"] = stats.get(phase + "_s", 0.0) + time.perf_counter() - t0
-                stats[phase + "_tokens"] = stats.get(phase + "_tokens", 0) + engine.tokens[phase] - before[phase]
+                done = engine.step()
             bar.update(len(done))
             for row in done if on_done is not None else ():
                 on_done(row.tag, row.ids, row.text, row.cut)

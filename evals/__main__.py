@@ -66,7 +66,7 @@ def parse_args(argv=None):
     # generation
     ap.add_argument("--expert", default=None, help="SVF expert file (z vectors), or a LoRA adapter file (lora.py), applied during generation")
     ap.add_argument("--slots", type=cli.positive_int, default=64,
-                    help="sequences decoded together (continuous batching; 128 decodes 5-9%% faster than 64 for twice the KV memory: docs/RESULTS.md)")
+                    help="sequences decoded together (continuous batching); the KV cache holds slots x (prompt + answer) tokens")
     ap.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
     ap.add_argument("--temperature", type=cli.nonneg_float, default=0.0, help="0: greedy")
     ap.add_argument("--system", default=None, type=utf8_text, help="a system prompt in place of the task's own (a prompt control)")

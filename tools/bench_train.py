@@ -18,6 +18,7 @@ backward) and rollouts per hour. Run it alone on the machine (2 jobs on 2 cores 
     python tools/bench_train.py --sweep-slots 8,16,32,64,128    # (d) alone: where more slots stop paying
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -98,6 +99,29 @@ def sweep_slots(args):
         Path(args.out).write_text(json.dumps(dict(context=ctx, steps=args.decode_steps, rows=res), indent=1))
 
 
+@contextlib.contextmanager
+def engine_phases(stats):
+    """Seconds and tokens of the engine's prefills (Engine.admit) and decode steps (Engine.step) while
+    the block runs, added to `stats` (prefill_s, prefill_tokens, decode_s, decode_tokens): the two
+    methods are wrapped with a timer and put back after."""
+    import generate as G
+
+    def timed_phase(phase, method):
+        def run(self, *a):
+            t0, before = time.perf_counter(), self.tokens[phase]
+            out = method(self, *a)
+            stats[phase + "_s"] = stats.get(phase + "_s", 0.0) + time.perf_counter() - t0
+            stats[phase + "_tokens"] = stats.get(phase + "_tokens", 0) + self.tokens[phase] - before
+            return out
+        return run
+    admit, step = G.Engine.admit, G.Engine.step
+    G.Engine.admit, G.Engine.step = timed_phase("prefill", admit), timed_phase("decode", step)
+    try:
+        yield stats
+    finally:
+        G.Engine.admit, G.Engine.step = admit, step
+
+
 def bench(args):
     task = get_task(args.task)
     model = Transformer.from_pretrained(args.model)
@@ -112,8 +136,10 @@ def bench(args):
 
     # (c) the engine
     stats = {}
-    g, t = timed(lambda: generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  seed=0, stop=stop, samples=args.samples, slots=args.slots, stats=stats))
+    with engine_phases(stats):
+        g, t = timed(lambda: generate(model, tok, prompts, max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, seed=0, stop=stop, samples=args.samples,
+                                      slots=args.slots))
     n_tok = sum(map(len, g.ids))
     res["engine"] = dict(seconds=t, tokens=n_tok, tok_s=n_tok / t, cut=sum(g.cut), **stats)
     print(f"(c) engine, {args.slots} slots: {n_tok} tokens in {t:.1f} s = {n_tok / t:.1f} tok/s | prefill "
