@@ -22,6 +22,9 @@ naming it. What a killed build left behind (a temp file of a dead process) is re
 
 Run it (builds what is missing, with a progress bar):
     python svd_cache.py --model checkpoints/smollm2-135m-instruct [--targets mlp] [--layers half]
+Why past docs/STYLE.md's 100–200 lines: the factors are trusted only after checks (a fingerprint of the
+weights, a checksum per factor verified once per process, orphaned temp files) that a resumable cache on
+disk needs.
 """
 import argparse
 import hashlib

@@ -27,6 +27,8 @@ too (vlm.Preprocessor, vlm.select_best_resolution, ...).
     python vlm.py --model DIR --image photo.jpg "What is in the picture?"
     python -m evals --task easy_vqa --model DIR --limit 100    # VQA accuracy (evals/vqa.py)
     python reinforce.py --task easy_vqa --model DIR --out runs/vqa --wrong-reward -0.1
+Why past docs/STYLE.md's 200–300 lines: LLaVA-1.5 and LLaVA-NeXT (any-resolution tiling and its unpadding)
+share this one file, with transformers' config defaults.
 """
 import argparse
 import contextlib

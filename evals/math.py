@@ -16,6 +16,8 @@ both are turned into sympy expressions and compared numerically (relative tolera
 with free symbols, at three random points). Tuples and intervals compare element by element.
 
     python -m evals --task math --model checkpoints/qwen2.5-coder-0.5b-instruct --limit 100
+Why past docs/STYLE.md's 50–150 lines per eval: MATH answers are LaTeX, and comparing them (boxed
+extraction, normalisation, numeric and sympy equality) is most of the file.
 """
 import cmath
 import random

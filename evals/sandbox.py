@@ -54,6 +54,8 @@ tests' expected values up), CPU and memory use up to the limits, kernel exploits
 Each claim has a test in tests/test_sandbox.py, as root and as uid 65534 (setpriv).
 
     python tools/bench_sandbox.py        # runs all 164 HumanEval canonical solutions, prints programs/s
+Why past docs/STYLE.md's 50–150 lines per eval: the sandbox is the reward of code RL, and what keeps a
+program from faking a pass (judge and worker, namespaces, limits, cleanup) is the file.
 """
 import json
 import os

@@ -9,6 +9,8 @@ It forks before reading any untrusted line:
 Between them only data crosses (enc/dec: JSON through the C half of `json`, because `import json`
 pulls in re and enum, 30 ms per process on a busy machine). Nothing here is imported at run time
 by the evaluator; the tests import it to check the codec.
+Why past docs/STYLE.md's 50–150 lines per eval: the judge, the worker and the data-only codec between them
+run in the sandboxed process and must stand alone (no project imports).
 """
 import _json
 import _signal
