@@ -204,17 +204,15 @@ memory: setup
 clean-venv:
 	rm -rf .venv
 
-# first-run: the five-minute tour, on the experts' model (Qwen2.5-Coder-0.5B). (1) A short REINFORCE run
-# where reward and validation move within minutes: the classification task (evals/classify.py), whose
-# answers are a label of 1-2 tokens, so an update of 4 questions x 4 sampled labels is cheap; validation on
-# 20 held-out questions at updates 0, 3 and 6 (RECIPE_cls, 10 such updates: 61.7% -> 93.3% on 60). Measured
-# under a shared machine's load (2 cores, ~40% of one core for us): one update 30 s of CPU, one validated
-# question 3.3 s; on 2 free cores the reinforce.py step should take about 4 minutes (not timed end to end).
-# runs/first-run* are scratch folders, started over each time. (2) CEM on MATH with the shipped
-# experts at a toy budget (3 shots, 4 candidates x 2 generations, 10 reported problems): the mixing step.
+# first-run: the short tour, on the experts' model (Qwen2.5-Coder-0.5B), timed from a fresh clone in the
+# README. (1) A short REINFORCE run where reward and validation move within minutes: the classification
+# task (evals/classify.py), whose answers are a label of 1-2 tokens, so an update of 4 questions x 4
+# sampled labels is cheap; validation on 20 held-out questions before and after 6 updates. (2) CEM on
+# MATH with the shipped experts at a toy budget (2 shots, 4 candidates x 2 generations, 4 reported
+# problems): the mixing step. runs/first-run* are scratch folders, started over each time.
 FIRST_RUN := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --optimizer adam --lr 1e-2 \
-             --kl-coef 0 --max-new-tokens 8 --steps 6 --eval-every 3 --valid-limit 20
-FIRST_CEM := --shots 3 --generations 2 --population 4 --elites 2 --limit 13 --max-new-tokens 256 --out runs/first-run-cem
+             --kl-coef 0 --max-new-tokens 8 --steps 6 --eval-every 6 --valid-limit 20
+FIRST_CEM := --shots 2 --generations 2 --population 4 --elites 2 --limit 4 --max-new-tokens 160 --out runs/first-run-cem
 .PHONY: first-run
 first-run: setup
 	$(MAKE) --no-print-directory model MODEL=$(EXPERT_MODEL)
