@@ -283,14 +283,7 @@ STATE_KEYS = {"config", "mean", "std", "best", "best_fit", "history", "rng"}
 
 def read_state(path):
     """A saved search, or one line naming the file when it is not one (cut short, or another file)."""
-    try:
-        s = torch.load(path, weights_only=True)
-    except Exception as e:  # torch raises several types for a damaged zip/pickle
-        raise ValueError(f"{path}: not a readable CEM search ({type(e).__name__}: {e}); delete it to start "
-                         f"the search over") from None
-    if not isinstance(s, dict) or not STATE_KEYS <= s.keys():
-        raise ValueError(f"{path}: not a CEM search file (no {sorted(STATE_KEYS)}); delete it or pick another --out")
-    return s
+    return cli.load_state(path, STATE_KEYS, "CEM search", "delete it to start the search over", weights_only=True)
 
 
 # -----------------------------------------------------------------------------

@@ -11,9 +11,12 @@ svf.py, svd_cache.py) uses these things and nothing else from here:
                              CUDA tensors, so a CPU tensor makes a round trip through the GPU.
   atomic_write(path)         a context manager giving a temp path beside `path`; on success it replaces
                              `path` in one step, so a kill leaves the old file or the new one, never half.
-  positive_int, nonneg_int, probability, finite_float
-                             argparse types: a bad count or ratio is refused where it is parsed, naming the flag.
-  refuse_existing(path, flag) a command that would overwrite an existing output stops and says which flag goes on.
+  positive_int, nonneg_int, probability, finite_float, nonneg_float, positive_float, utf8_text
+                             argparse types: a bad count, ratio or text is refused where it is parsed, naming the flag.
+  refuse_existing(path, flag) a command that would overwrite an existing output stops and says which flag goes on;
+                             open_run_dir does the same for a run folder (--resume / --force), load_state reads
+                             a saved state with the file's name in every error.
+  all_reduce_sums, any_rank  named sums and shared decisions over torchrun's ranks.
   run(main, args)            expected failures (a missing, corrupt or mismatched file, an unknown
                              task or model type) print `error: <file>: <what is wrong>` and exit 2;
                              real bugs keep their traceback. T2_DEBUG=1 shows every traceback.
@@ -129,6 +132,17 @@ nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 probability = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 finite_float = _number(float, lambda v: True, "a finite number")
 nonneg_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+
+
+def utf8_text(text):
+    """argparse type for text the model reads: bytes in argv that are not UTF-8 arrive as lone
+    surrogates, which the tokenizer cannot encode (an error only after the model loaded)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -160,8 +174,6 @@ def run(main, *args):
 
 # -----------------------------------------------------------------------------
 # Numbers and decisions every rank shares (torchrun)
-
-positive_float = _number(float, lambda v: v > 0, "a number > 0")
 
 
 def all_reduce_sums(sums):
@@ -201,14 +213,14 @@ def open_run_dir(out, resume, force, state="state.pt", files=()):
     return resume and (out / state).exists()
 
 
-def load_state(path, keys):
-    """torch.load of a checkpoint written by torch.save (CPU), refused in one line that names the file
-    when it is truncated or not one (torch alone says "[Errno 22] Invalid argument")."""
+def load_state(path, keys, what="checkpoint", fix="--force starts over", weights_only=False):
+    """torch.load of a saved state (a run's checkpoint, a CEM search), refused in one line that names
+    the file when it is truncated or not one (torch alone says "[Errno 22] Invalid argument")."""
     try:
-        st = torch.load(path, weights_only=False, map_location="cpu")
+        st = torch.load(path, weights_only=weights_only, map_location="cpu")
     except Exception as e:  # truncated zip, random bytes, a pickle error: all mean "not readable"
-        raise ValueError(f"{path}: not a readable checkpoint ({e}); --force starts over") from None
+        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__}: {e}); {fix}") from None
     missing = set(keys) - set(st) if isinstance(st, dict) else set(keys)
     if missing:
-        raise ValueError(f"{path}: not the expected checkpoint (no {', '.join(sorted(missing))})")
+        raise ValueError(f"{path}: not a {what} file (no {', '.join(sorted(missing))}); {fix}")
     return st

@@ -74,20 +74,10 @@ TRUE_CATEGORY = {"math": "math", "gsm8k": "math", "humaneval": "code", "mbpp": "
 EXPERT_CATEGORIES = ("math", "code", "reasoning")  # pass 1's categories that have an expert ("other" has none)
 
 
-def utf8_text(text):
-    """argparse type for text the model reads: bytes that are not UTF-8 arrive as lone surrogates,
-    which the tokenizer cannot encode (a traceback after the model loaded)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
-    return text
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to answer")
-    g.add_argument("prompt", nargs="?", type=utf8_text, help="one question (else --task)")
+    g.add_argument("prompt", nargs="?", type=cli.utf8_text, help="one question (else --task)")
     g.add_argument("--task", help="a whole benchmark: math, gsm8k, humaneval, mbpp, arc_easy, arc_challenge "
                                    "(or arc_*_direct: letter only)")
     g.add_argument("--split", default="test")

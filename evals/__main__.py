@@ -29,16 +29,6 @@ from evals import TASKS, get_task
 from evals.common import answer, discordant, fmt_acc, format_counts, mcnemar, paired, read_jsonl, render_prompt, write_jsonl
 
 
-def utf8_text(text):
-    """argparse type for text the model reads: bytes in argv that are not UTF-8 arrive as lone
-    surrogates, which the tokenizer cannot encode (a TypeError after the model loaded)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not valid UTF-8") from None
-    return text
-
-
 def load_items(task, args):
     """The split's items; a data file whose rows lack a field the task reads is one line, not a KeyError."""
     try:
@@ -71,7 +61,7 @@ def parse_args(argv=None):
                     help="sequences decoded together (continuous batching); the KV cache holds slots x (prompt + answer) tokens")
     ap.add_argument("--max-new-tokens", type=cli.positive_int, default=None, help="default per task (gsm8k 512, math 1024, ...)")
     ap.add_argument("--temperature", type=cli.nonneg_float, default=0.0, help="0: greedy")
-    ap.add_argument("--system", default=None, type=utf8_text, help="a system prompt in place of the task's own (a prompt control)")
+    ap.add_argument("--system", default=None, type=cli.utf8_text, help="a system prompt in place of the task's own (a prompt control)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=cli.positive_int, default=None,
                     help="torch CPU threads (use 1 per process when several jobs share the cores)")
