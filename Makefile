@@ -209,11 +209,11 @@ clean-venv:
 # task (evals/classify.py), whose answers are a label of 1-2 tokens, so an update of 4 questions x 4
 # sampled labels is cheap; validation on 20 held-out questions before and after 5 updates. (2) CEM on
 # MATH with the shipped experts at a toy budget (2 shots, 3 candidates x 2 generations, 2 reported
-# problems, <= 128 tokens): the mixing step's mechanics, not a result. runs/first-run* are scratch
+# problems, <= 64 tokens): the mixing step's mechanics, not a result. runs/first-run* are scratch
 # folders, started over each time.
 FIRST_RUN := --batch-size 16 --samples 4 --temperature 1.0 --micro-batch 8 --optimizer adam --lr 1e-2 \
              --kl-coef 0 --max-new-tokens 8 --steps 5 --eval-every 5 --valid-limit 20
-FIRST_CEM := --shots 2 --generations 2 --population 3 --elites 2 --limit 2 --max-new-tokens 128 --out runs/first-run-cem
+FIRST_CEM := --shots 2 --generations 2 --population 3 --elites 2 --limit 2 --max-new-tokens 64 --out runs/first-run-cem
 .PHONY: first-run
 first-run: setup
 	$(MAKE) --no-print-directory model MODEL=$(EXPERT_MODEL)
