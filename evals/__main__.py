@@ -26,7 +26,8 @@ from pathlib import Path
 
 import cli
 from evals import TASKS, get_task
-from evals.common import answer, discordant, fmt_acc, format_counts, mcnemar, paired, read_jsonl, render_prompt, write_jsonl
+from evals.common import (answer, discordant, finished_tokens, fmt_acc, format_counts, mcnemar, paired, read_jsonl,
+                          render_prompt, write_jsonl)
 
 
 def load_items(task, args):
@@ -68,6 +69,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=None, help="per-item JSONL (default: print the summary only); answers are "
                     "saved to OUT.partial as they finish, so rerunning a killed command resumes")
     ap.add_argument("--force", action="store_true", help="replace an existing --out file (else it is refused)")
+    ap.add_argument("--extend", metavar="FILE", default=None,
+                    help="a per-item file of this run at a smaller --max-new-tokens (greedy): its finished answers "
+                         f"are kept, only its cut ones are generated (a budget curve at a fraction of the cost); "
+                         f"{EXTEND_CHECKS} kept ones are generated again and must come out equal")
     cli.add_device_args(ap)
     return ap.parse_args(argv)
 
@@ -135,18 +140,62 @@ def read_partial(path, run):
     return done, seconds
 
 
+EXTEND_CHECKS = 16  # finished answers of an --extend file generated again: the file must be this run's
+
+
+def carried_over(args, task, items):
+    """--extend FILE: {item index: row} of the answers FILE finished. A greedy answer that ends inside
+    one budget is the same at any larger one (the budget only cuts), so a budget curve needs to
+    generate only the cut items again. FILE must hold these items, in order, with the prompts this
+    run renders; whether it came from the same model and expert is checked by generating some of its
+    finished answers again (evaluate)."""
+    from generate import Tokenizer
+
+    if args.temperature != 0:
+        raise ValueError("--extend needs greedy decoding (--temperature 0): a sampled answer changes with the budget")
+    rows = read_jsonl(args.extend)
+    if [r.get("id") for r in rows] != [it["id"] for it in items]:
+        raise ValueError(f"{args.extend}: not this run's items ({len(rows)} rows; this run has {len(items)} "
+                         f"from item {args.offset}): give the same --offset/--limit")
+    cut = [r.get("tokens") for r in rows if r.get("cut")]
+    if any(t is not None and t >= args.max_new_tokens for t in cut):
+        raise ValueError(f"{args.extend}: its cut answers already have {max(cut)} tokens; "
+                         f"--max-new-tokens {args.max_new_tokens} does not extend it")
+    tok = Tokenizer.from_pretrained(args.model)
+    kept = {}
+    for i, (it, r) in enumerate(zip(items, rows)):
+        if r.get("cut"):
+            continue
+        if r.get("prompt") != render_prompt(tok, task, it):
+            raise ValueError(f"{args.extend}: item {it['id']!r} was asked with another prompt (system prompt or template)")
+        tokens = r["tokens"] if "tokens" in r else finished_tokens(tok, r["completion"])  # files from before the field
+        kept[i] = {"prompt": r["prompt"], "completion": r["completion"], "cut": False, "tokens": tokens}
+    return kept
+
+
 def evaluate(args, task):
     """Generate, check, summarise. With --out, answers are saved to OUT.partial as they finish: a
     killed run, started again with the same command, generates only what is missing."""
     items = load_items(task, args)[args.offset:][:args.limit]
     run = {k: getattr(args, k) for k in ("task", "split", "limit", "model", "expert", "max_new_tokens",
                                          "temperature", "seed", "data_dir")}
-    run.update({k: getattr(args, k) for k in ("offset", "system") if getattr(args, k)})  # old files stay valid
+    run.update({k: getattr(args, k) for k in ("offset", "system", "extend") if getattr(args, k)})  # old files stay valid
     partial = Path(args.out + ".partial") if args.out else None
     done, before = read_partial(partial, run) if partial else ({}, 0.0)
-    todo = [i for i in range(len(items)) if i not in done]
+    kept = carried_over(args, task, items) if args.extend else {}
+    recheck = {i: kept.pop(i) for i in sorted(kept)[:EXTEND_CHECKS]}  # generated again, first in line
+    todo = sorted(i for i in range(len(items)) if i not in done and i not in kept)
+    todo.sort(key=lambda i: i not in recheck)
+    if args.extend:
+        print(f"extending {args.extend}: {len(kept)} finished answers kept, {len(recheck)} of them generated again "
+              f"to check the file, {len(items) - len(kept) - len(recheck)} cut ones generated at {args.max_new_tokens} tokens")
     if done:
         print(f"resuming from {partial}: {len(done)} of {len(items)} answered ({before:.0f} s), {len(todo)} to go")
+
+    def same_as_file(i, rec):
+        if i in recheck and rec["completion"] != recheck[i]["completion"]:
+            raise ValueError(f"{args.extend}: item {items[i]['id']!r} comes out different when generated again: "
+                             f"not this model, expert and prompt at a smaller budget")
     t0 = time.time()
     if todo:
         with open(partial, "a" if done else "w") if partial else contextlib.nullcontext() as f:
@@ -155,26 +204,32 @@ def evaluate(args, task):
                 f.flush()
 
             def keep(r, rec):  # one line per finished answer, flushed: a kill loses only unfinished rows
+                same_as_file(todo[r], rec)
+                if f is None:
+                    return
                 f.write(json.dumps({"i": todo[r], "ids": rec["ids"], "prompt": rec["prompt"],
                                     "completion": rec["completion"], "cut": rec["cut"],
                                     "seconds": before + time.time() - t0}) + "\n")
                 f.flush()
-            new = generate_all(args, task, [items[i] for i in todo], seed=[args.seed + i for i in todo],
-                               on_done=keep if f is not None else None)
+            new = generate_all(args, task, [items[i] for i in todo], seed=[args.seed + i for i in todo], on_done=keep)
         done.update(zip(todo, new))
+    for i in recheck:
+        same_as_file(i, done[i])  # also those a resumed run had already answered
+    done.update(kept)
     t_gen = before + time.time() - t0
     records = [done[i] for i in range(len(items))]
     correct = task.check(items, [r["completion"] for r in records])
     for r, ok in zip(records, correct):
         r.update(extracted=task.extract(r["completion"]), correct=ok)
     rows = [{"id": it["id"], "prompt": r["prompt"], "completion": r["completion"], "extracted": r["extracted"],
-             "gold": it["gold"], "cut": r["cut"], "tokens": len(r["ids"]), "correct": r["correct"]}
+             "gold": it["gold"], "cut": r["cut"], "tokens": r["tokens"] if "tokens" in r else len(r["ids"]),
+             "correct": r["correct"]}
             for it, r in zip(items, records)]
     if args.out:
         write_jsonl(args.out, rows)
         partial.unlink(missing_ok=True)
     n = len(records)
-    tokens = sum(len(r["ids"]) for r in records)
+    tokens = sum(row["tokens"] for i, row in enumerate(rows) if i not in kept)  # generated by this run
     soft = f" | VQA accuracy {100 * sum(task.score(items, [r['completion'] for r in records])) / max(n, 1):.1f}" if task.images else ""
     print(f"{task.name} {args.split} | {format_counts(records)}{soft} | {t_gen:.0f} s generation, "
           f"{tokens / max(t_gen, 1e-9):.1f} tok/s" + (f" | expert {args.expert}" if args.expert else ""))

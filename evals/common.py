@@ -185,6 +185,13 @@ def check_code(task: Task, items: list[dict], completions: list[str], program) -
     return [bool(code) and next(results).passed for code in codes]
 
 
+def finished_tokens(tokenizer, completion: str) -> int:
+    """Tokens the engine generated for a finished answer, from its text (per-item files from before the
+    "tokens" field): the text's tokens and the stop token, which the text drops (exact for 171 of 173
+    finished GSM8K answers of Qwen2.5-Coder-0.5B; the rest within 3)."""
+    return len(tokenizer.encode(completion)) + 1
+
+
 def render_prompt(tokenizer, task: Task, item: dict) -> str:
     """The text the model continues: its own chat template, then the task's prefill."""
     messages = task.messages(item)

@@ -21,7 +21,7 @@ def test_strict_needs_a_stated_answer_lenient_takes_the_last_number():
         assert budget_table.lenient_answer(text) == lenient, text
 
 
-class WordTokenizer:  # stands in for a tokenizer: one token per whitespace-separated word
+class WordTokenizer:  # stands in for a tokenizer: one token per whitespace-separated word (+1 stop token when finished)
     def encode(self, text):
         return text.split()
 
@@ -45,9 +45,10 @@ def test_a_row_by_hand(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     base_row, expert_row = out[2], out[3]
     # base: 2/4 right; strict: only "answer is 3" -> 1/4; lenient: "so 1", "answer is 3" -> 2/4; one cut (25%);
-    # all finished = items 0, 2, 3 (item 1 cut by base): base right on 0 and 2 -> 2/3; tokens 2, 4 (cut: budget), 3, 2
+    # all finished = items 0, 2, 3 (item 1 cut by base): base right on 0 and 2 -> 2/3; tokens 2+1, 4 (cut: budget),
+    # 3+1, 2+1: mean and median 3.5 (printed 4), 14 tokens / 2 right = 7
     assert base_row.startswith("| base | 4 | 4 | 50.0% ")
-    assert "| 25.0% | 50.0% | 25% | 2/3 = 66.7% | 3 / 2 | 6 |" in base_row
+    assert "| 25.0% | 50.0% | 25% | 2/3 = 66.7% | 4 / 4 | 7 |" in base_row
     # expert: 3/4 right, strict 3/4, lenient 3/4, no cut, on items 0, 2, 3 right on 0 and 3; 12 tokens / 3 right = 4;
     # vs base: expert alone right on 1 and 3, base alone on 2 -> "2-1"
     assert "| 75.0% | 75.0% | 0% | 2/3 = 66.7% | 3 / 3 | 4 | 2-1, p = 1 |" in expert_row

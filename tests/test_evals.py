@@ -592,3 +592,52 @@ def test_a_killed_eval_resumes_with_the_same_answers(tiny_dir, tmp_path, monkeyp
         Path(str(early) + ".partial").write_text(cut_short)
         main(parse_args([*argv, "--out", str(early)]))
         assert read_jsonl(early) == read_jsonl(tmp_path / "whole.jsonl")
+
+
+def test_extend_keeps_finished_answers_and_equals_a_run_at_the_larger_budget(tiny_dir, tmp_path, monkeypatch):
+    """--extend: a run at 10 tokens built from one at 4 equals the run at 10 made from scratch, while it
+    generates only the answers cut at 4 (and the checked ones). The tiny random model finishes some
+    answers early because two of its frequent tokens are made stop tokens. A file that is not this
+    run's at a smaller budget is refused in one line, before or while it generates."""
+    import shutil
+    import evals.__main__ as ev
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    argv = ["--task", "gsm8k", "--model", str(model), "--limit", "8", "--slots", "3", "--threads", "1"]
+    first = main(parse_args([*argv, "--max-new-tokens", "10"]))
+    from generate import Tokenizer
+    tok = Tokenizer.from_pretrained(model)
+    stops = {tok.encode(first[0]["completion"])[1], tok.encode(first[1]["completion"])[1]}
+    config = json.loads((model / "generation_config.json").read_text())
+    config["eos_token_id"] = sorted(stops | set(tok.eos_ids))
+    (model / "generation_config.json").write_text(json.dumps(config))
+    small, whole = tmp_path / "at4.jsonl", tmp_path / "at10.jsonl"
+    main(parse_args([*argv, "--max-new-tokens", "4", "--out", str(small)]))
+    main(parse_args([*argv, "--max-new-tokens", "10", "--out", str(whole)]))
+    cut4 = [r["cut"] for r in read_jsonl(small)]
+    assert 2 <= cut4.count(False) and cut4.count(True) >= 2, cut4  # a mix: the test means something
+    asked, real = [], ev.generate_all
+
+    def counting(args, task, items, seed=None, on_done=None):
+        asked.append([it["id"] for it in items])
+        return real(args, task, items, seed, on_done)
+    monkeypatch.setattr(ev, "generate_all", counting)
+    monkeypatch.setattr(ev, "EXTEND_CHECKS", 1)
+    extended = tmp_path / "extended.jsonl"
+    main(parse_args([*argv, "--max-new-tokens", "10", "--extend", str(small), "--out", str(extended)]))
+    finished = [r["id"] for r in read_jsonl(small) if not r["cut"]]
+    assert asked == [[finished[0]] + [r["id"] for r in read_jsonl(small) if r["cut"]]]  # the checked one first
+    assert read_jsonl(extended) == read_jsonl(whole)
+
+    def refused(flags, match):
+        with pytest.raises(ValueError, match=match):
+            main(parse_args([*argv, *flags, "--out", str(tmp_path / "x.jsonl"), "--force"]))
+    refused(["--max-new-tokens", "10", "--extend", str(small), "--temperature", "0.7"], "needs greedy decoding")
+    refused(["--max-new-tokens", "10", "--extend", str(small), "--limit", "6"], r"at4\.jsonl: not this run's items")
+    refused(["--max-new-tokens", "4", "--extend", str(whole)], r"at10\.jsonl: its cut answers already have 10 tokens")
+    rows = read_jsonl(small)
+    tampered = tmp_path / "tampered.jsonl"
+    write_jsonl(tampered, [dict(r, completion=r["completion"] + " 7") if r["id"] == finished[0] else r for r in rows])
+    refused(["--max-new-tokens", "10", "--extend", str(tampered)], f"tampered.jsonl: item {finished[0]!r} comes out different")
+    write_jsonl(tampered, [dict(r, prompt="other") if r["id"] == finished[-1] else r for r in rows])
+    refused(["--max-new-tokens", "10", "--extend", str(tampered)], "was asked with another prompt")

@@ -13,7 +13,7 @@ compared on the items both files hold:
   tokens    generated tokens per answer (mean / median) and per correct answer (total / right);
   p         exact McNemar test (checker verdicts) against base at the same budget, and against --ref if given.
 Token counts come from the file's "tokens" field; older files without it are re-tokenized with --model's
-tokenizer (the ids the engine generated decode to the same text; a cut answer counts its full budget).
+tokenizer (evals.common.finished_tokens: the text's tokens and the stop token; a cut answer counts its full budget).
 
     python tools/budget_table.py --model checkpoints/qwen2.5-coder-0.5b-instruct --ref math@256 \\
         base@256=docs/runs/budget/test400-base-256.jsonl math@256=docs/runs/budget/test400-math-256.jsonl \\
@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from evals.common import mcnemar, read_jsonl, wilson  # noqa: E402
+from evals.common import finished_tokens, mcnemar, read_jsonl, wilson  # noqa: E402
 from evals.gsm8k import canonical, parse_number  # noqa: E402
 from evals.math import last_boxed  # noqa: E402
 
@@ -56,7 +56,7 @@ def load(spec, tokenizer):
     rows = {r["id"]: r for r in read_jsonl(path)}
     for r in rows.values():
         if "tokens" not in r:
-            r["tokens"] = int(budget) if r["cut"] else len(tokenizer.encode(r["completion"]))
+            r["tokens"] = int(budget) if r["cut"] else finished_tokens(tokenizer, r["completion"])
     return name, int(budget), rows
 
 
