@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import budget_table  # noqa: E402
 
@@ -52,3 +54,19 @@ def test_a_row_by_hand(tmp_path, capsys, monkeypatch):
     # expert: 3/4 right, strict 3/4, lenient 3/4, no cut, on items 0, 2, 3 right on 0 and 3; 12 tokens / 3 right = 4;
     # vs base: expert alone right on 1 and 3, base alone on 2 -> "2-1"
     assert "| 75.0% | 75.0% | 0% | 2/3 = 66.7% | 3 / 3 | 4 | 2-1, p = 1 |" in expert_row
+
+
+def test_a_row_from_parts_of_the_split(tmp_path, capsys, monkeypatch):
+    """A split answered in two --offset runs is one row; a part repeating another's items is refused."""
+    def write(name, ids, right):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"id": i, "gold": "1", "completion": "answer is 1" if ok else "answer is 2",
+                                            "cut": False, "correct": ok, "tokens": 3}) + "\n" for i, ok in zip(ids, right)))
+        return f"{path}"
+    import generate
+    monkeypatch.setattr(generate.Tokenizer, "from_pretrained", staticmethod(lambda path: WordTokenizer()))
+    a, b = write("a.jsonl", [0, 1], [True, False]), write("b.jsonl", [2, 3, 4], [True, True, False])
+    budget_table.main(["--model", "unused", f"base@4={a},{b}"])
+    assert capsys.readouterr().out.splitlines()[2].startswith("| base | 4 | 5 | 60.0% ")
+    with pytest.raises(SystemExit, match=r"b\.jsonl repeats items of an earlier file of base@4"):
+        budget_table.main(["--model", "unused", f"base@4={a},{b},{b}"])

@@ -1,8 +1,8 @@
 """What an expert learned on GSM8K, against the token budget and a prompt: one markdown table from per-item files.
 
-Each row is LABEL@BUDGET=FILE, a per-item file of `python -m evals --out` (greedy GSM8K test answers) with the
-token budget it was generated under; LABEL names the configuration ("base", "math", "prompt"). Rows are
-compared on the items both files hold:
+Each row is LABEL@BUDGET=FILE[,FILE...]: per-item files of `python -m evals --out` (greedy GSM8K test answers;
+several when a split was answered in parts with --offset) and the token budget they were generated under;
+LABEL names the configuration ("base", "math", "prompt"). Rows are compared on the items both hold:
   checker   the accuracy every table in docs/RESULTS.md reports (evals/gsm8k.py: the last \\boxed{} number,
             else the last number);
   strict    the answer stated as a final answer: a \\boxed{} number, or a number after "answer is" /
@@ -51,9 +51,14 @@ def same(a, gold):
 
 
 def load(spec, tokenizer):
-    label, path = spec.split("=", 1)
+    label, paths = spec.split("=", 1)
     name, budget = label.rsplit("@", 1)
-    rows = {r["id"]: r for r in read_jsonl(path)}
+    rows = {}
+    for path in paths.split(","):  # a split answered in parts (--offset runs): their rows together
+        part = {r["id"]: r for r in read_jsonl(path)}
+        if rows.keys() & part.keys():
+            raise SystemExit(f"error: {path} repeats items of an earlier file of {label}")
+        rows.update(part)
     for r in rows.values():
         if "tokens" not in r:
             r["tokens"] = int(budget) if r["cut"] else finished_tokens(tokenizer, r["completion"])
@@ -92,7 +97,7 @@ def row(name, budget, rows, base, ref, ids, finished):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("rows", nargs="+", metavar="LABEL@BUDGET=FILE")
+    ap.add_argument("rows", nargs="+", metavar="LABEL@BUDGET=FILE[,FILE]")
     ap.add_argument("--model", required=True, help="model folder whose tokenizer counts tokens of older files")
     ap.add_argument("--ref", default=None, metavar="LABEL@BUDGET", help="a second row every row is tested against")
     args = ap.parse_args(argv)
