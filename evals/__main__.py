@@ -187,7 +187,7 @@ def evaluate(args, task):
     todo = sorted(i for i in range(len(items)) if i not in done and i not in kept)
     todo.sort(key=lambda i: i not in recheck)
     if args.extend:
-        print(f"extending {args.extend}: {len(kept)} finished answers kept, {len(recheck)} of them generated again "
+        print(f"extending {args.extend}: {len(kept)} finished answers kept, {len(recheck)} more generated again "
               f"to check the file, {len(items) - len(kept) - len(recheck)} cut ones generated at {args.max_new_tokens} tokens")
     if done:
         print(f"resuming from {partial}: {len(done)} of {len(items)} answered ({before:.0f} s), {len(todo)} to go")
