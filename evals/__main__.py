@@ -19,6 +19,7 @@ file, compare two runs), not one benchmark.
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -126,7 +127,7 @@ def read_partial(path, run):
     except (IndexError, json.JSONDecodeError):
         return {}, 0.0
     if head != run:
-        diff = sorted(k for k in run if (head or {}).get(k) != run[k])
+        diff = sorted(k for k in {*run, *(head or {})} if (head or {}).get(k) != run.get(k))
         raise ValueError(f"{path}: answers of a run with other settings ({', '.join(diff)} differ); "
                          f"delete it or pick another --out")
     done, seconds = {}, 0.0
@@ -179,10 +180,12 @@ def evaluate(args, task):
     items = load_items(task, args)[args.offset:][:args.limit]
     run = {k: getattr(args, k) for k in ("task", "split", "limit", "model", "expert", "max_new_tokens",
                                          "temperature", "seed", "data_dir")}
-    run.update({k: getattr(args, k) for k in ("offset", "system", "extend") if getattr(args, k)})  # old files stay valid
+    run.update({k: getattr(args, k) for k in ("offset", "system") if getattr(args, k)})  # old files stay valid
+    if args.extend:  # by content: the same file under another path resumes, an edited one does not
+        run["extend_sha256"] = hashlib.sha256(Path(args.extend).read_bytes()).hexdigest()
     partial = Path(args.out + ".partial") if args.out else None
-    done, before = read_partial(partial, run) if partial else ({}, 0.0)
     kept = carried_over(args, task, items) if args.extend else {}
+    done, before = read_partial(partial, run) if partial else ({}, 0.0)
     recheck = {i: kept.pop(i) for i in sorted(kept)[:EXTEND_CHECKS]}  # generated again, first in line
     todo = sorted(i for i in range(len(items)) if i not in done and i not in kept)
     todo.sort(key=lambda i: i not in recheck)

@@ -628,6 +628,22 @@ def test_extend_keeps_finished_answers_and_equals_a_run_at_the_larger_budget(tin
     finished = [r["id"] for r in read_jsonl(small) if not r["cut"]]
     assert asked == [[finished[0]] + [r["id"] for r in read_jsonl(small) if r["cut"]]]  # the checked one first
     assert read_jsonl(extended) == read_jsonl(whole)
+    # killed after its first answer, it resumes from the same file under another path (by content)
+    resumed, elsewhere = tmp_path / "resumed.jsonl", tmp_path / "copy" / "at4.jsonl"
+    elsewhere.parent.mkdir()
+    shutil.copy(small, elsewhere)
+
+    def killed(args, task, items, seed=None, on_done=None):
+        def once(r, rec):
+            on_done(r, rec)
+            raise KeyboardInterrupt
+        return real(args, task, items, seed, once)
+    monkeypatch.setattr(ev, "generate_all", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(parse_args([*argv, "--max-new-tokens", "10", "--extend", str(small), "--out", str(resumed)]))
+    monkeypatch.setattr(ev, "generate_all", counting)
+    main(parse_args([*argv, "--max-new-tokens", "10", "--extend", str(elsewhere), "--out", str(resumed)]))
+    assert len(asked[-1]) == len(asked[0]) - 1 and read_jsonl(resumed) == read_jsonl(whole)
 
     def refused(flags, match):
         with pytest.raises(ValueError, match=match):
