@@ -25,6 +25,7 @@ Why past docs/STYLE.md's 150–300 lines: the Engine that serve.py drives and ev
 import argparse
 import json
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -402,7 +403,8 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     queue = deque(row for row in rows if row.cap > 0)
     engine = Engine(model, tokenizer, max(1, min(slots or R, len(queue))), max(map(len, seqs)) + max(caps),
                     per_row_z=zs is not None, rescale=rescale, embed=embed)
-    bar = tqdm(total=len(queue), desc=progress, unit="answer", leave=False, disable=progress is None)
+    bar = tqdm(total=len(queue), desc=progress, unit="answer", leave=False, disable=progress is None,
+               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per step
     try:
         while queue or len(engine.slots):
             if queue and engine.free():  # a free slot is filled before the next decode step
