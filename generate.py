@@ -403,8 +403,9 @@ def generate(model, tokenizer, prompts, max_new_tokens=256, temperature=0.0, top
     queue = deque(row for row in rows if row.cap > 0)
     engine = Engine(model, tokenizer, max(1, min(slots or R, len(queue))), max(map(len, seqs)) + max(caps),
                     per_row_z=zs is not None, rescale=rescale, embed=embed)
+    tty = sys.stderr.isatty()  # a log file gets a line per 30-60 s, not one per decode step
     bar = tqdm(total=len(queue), desc=progress, unit="answer", leave=False, disable=progress is None,
-               mininterval=0.1 if sys.stderr.isatty() else 30)  # a log file gets a line per 30 s, not per step
+               mininterval=0.1 if tty else 30, maxinterval=10 if tty else 60)
     try:
         while queue or len(engine.slots):
             if queue and engine.free():  # a free slot is filled before the next decode step
